@@ -1,0 +1,11 @@
+using System.CommandLine;
+using Pipeline.Cli;
+
+var root = new RootCommand("Pipeline: from a dropped file to a dataset, a fine-tuned model and predictions. Works against local Azurite by default; set AzureWebJobsStorage or --connection for another account.");
+root.Options.Add(CliOptions.Connection);
+root.Options.Add(CliOptions.Output);
+root.Subcommands.Add(SubmitCommand.Create());
+root.Subcommands.Add(RunsCommands.Status());
+root.Subcommands.Add(RunsCommands.List());
+root.Subcommands.Add(RunsCommands.Poison());
+return await root.Parse(args).InvokeAsync();

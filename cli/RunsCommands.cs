@@ -1,0 +1,172 @@
+using System.CommandLine;
+using System.Diagnostics;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Spectre.Console;
+
+namespace Pipeline.Cli;
+
+/// <summary><c>pipeline status</c>, <c>pipeline runs</c>, <c>pipeline poison</c>.</summary>
+public static class RunsCommands
+{
+    public static Command Status()
+    {
+        var runId = new Argument<string>("runId") { Description = "The run id (printed by submit)." };
+        var wait = new Option<bool>("--wait") { Description = "Follow the run until it ends (or reaches --until)." };
+        var until = new Option<string>("--until") { Description = "With --wait: stop once this stage has ended.", DefaultValueFactory = _ => Stages.Ingest };
+        var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds before giving up (exit code 4).", DefaultValueFactory = _ => 600 };
+        var command = new Command("status", "Show where a run stands: status, stage, counts, artifacts, timings and errors.") { runId, wait, until, timeout };
+        command.SetAction(async (parse, ct) =>
+        {
+            var runs = new RunStore(CliOptions.Storage(parse));
+            var id = parse.GetValue(runId)!;
+            if (parse.GetValue(wait))
+            {
+                return await WaitAsync(parse, runs, id, parse.GetValue(until)!, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+            }
+
+            var run = await runs.GetAsync(id, ct);
+            if (run is null)
+            {
+                return CliOptions.Fail($"No run {id}. List runs with: pipeline runs", CliOptions.ExitCodes.NotFound);
+            }
+
+            Print(parse, run);
+            return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
+        });
+        return command;
+    }
+
+    public static Command List()
+    {
+        var status = new Option<string?>("--status") { Description = "Only runs with this status: queued, running, succeeded, failed, cancelled." };
+        var command = new Command("runs", "List runs, newest first.") { status };
+        command.SetAction(async (parse, ct) =>
+        {
+            var runs = await new RunStore(CliOptions.Storage(parse)).ListAsync(parse.GetValue(status), cancellationToken: ct);
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(runs.Select(RunView.From).ToList(), CliJson.Default.ListRunView);
+                return CliOptions.ExitCodes.Succeeded;
+            }
+
+            var table = new Table().AddColumns("Run", "Status", "Stage", "Source", "Records", "Updated");
+            foreach (var run in runs)
+            {
+                table.AddRow(run.RunId, Markup.Escape(run.Status), run.Stage, Markup.Escape(run.Source), run.GetCounts().GetValueOrDefault("valid").ToString("N0"), run.UpdatedAt.ToString("u"));
+            }
+
+            AnsiConsole.Write(table);
+            return CliOptions.ExitCodes.Succeeded;
+        });
+        return command;
+    }
+
+    public static Command Poison()
+    {
+        var queue = new Option<string?>("--queue") { Description = "Only messages that came from this queue." };
+        var command = new Command("poison", "List messages that were given up on (poisoned or invalid), with the recorded reason.") { queue };
+        command.SetAction(async (parse, ct) =>
+        {
+            var storage = CliOptions.Storage(parse);
+            var records = await FailedMessages.ListAsync(storage, parse.GetValue(queue), ct);
+            var views = records.Select(r => new PoisonView(r.Queue, r.RowKey, r.Kind, r.RunId, r.Reason, r.Attempts, r.RecordedAt, r.Message)).ToList();
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(views, CliJson.Default.ListPoisonView);
+                return CliOptions.ExitCodes.Succeeded;
+            }
+
+            var table = new Table().AddColumns("Queue", "Kind", "Run", "Attempts", "Reason");
+            foreach (var view in views)
+            {
+                table.AddRow(view.Queue, view.Kind, view.RunId ?? "", view.Attempts.ToString(), Markup.Escape(view.Reason));
+            }
+
+            AnsiConsole.Write(table);
+            return CliOptions.ExitCodes.Succeeded;
+        });
+        return command;
+    }
+
+    /// <summary>Polls the run until it is final or <paramref name="until"/> has ended, then prints the summary.</summary>
+    public static async Task<int> WaitAsync(ParseResult parse, RunStore runs, string runId, string until, TimeSpan timeout, CancellationToken cancellationToken)
+    {
+        var clock = Stopwatch.StartNew();
+        RunRecord? run = null;
+        string? lastLine = null;
+        while (clock.Elapsed < timeout)
+        {
+            run = await runs.GetAsync(runId, cancellationToken);
+            if (run is not null)
+            {
+                var stageStatus = run.GetStages().GetValueOrDefault(until);
+                if (RunStatus.IsFinal(run.Status) || stageStatus is RunStatus.Succeeded or RunStatus.Failed)
+                {
+                    Print(parse, run);
+                    return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
+                }
+
+                var line = $"{run.Stage}: {run.Status}, {run.GetCounts().GetValueOrDefault("read"):N0} records read";
+                if (!CliOptions.Json(parse) && line != lastLine)
+                {
+                    AnsiConsole.MarkupLineInterpolated($"[grey]{clock.Elapsed:mm\\:ss}[/] {line}");
+                    lastLine = line;
+                }
+            }
+
+            await Task.Delay(500, cancellationToken);
+        }
+
+        if (run is not null)
+        {
+            Print(parse, run);
+        }
+
+        return CliOptions.Fail($"Run {runId} did not reach the end of '{until}' within {timeout.TotalSeconds:N0} s. Check it later with: pipeline status {runId}", CliOptions.ExitCodes.TimedOut);
+    }
+
+    public static void Print(ParseResult parse, RunRecord run)
+    {
+        if (CliOptions.Json(parse))
+        {
+            CliOptions.WriteJson(RunView.From(run), CliJson.Default.RunView);
+            return;
+        }
+
+        var color = run.Status switch { RunStatus.Failed => "red", RunStatus.Succeeded => "green", _ => "yellow" };
+        var grid = new Grid().AddColumn().AddColumn();
+        grid.AddRow("[bold]Run[/]", run.RunId);
+        grid.AddRow("[bold]Status[/]", $"[{color}]{run.Status}[/] (stage: {run.Stage})");
+        grid.AddRow("[bold]Source[/]", Markup.Escape(run.Source));
+        grid.AddRow("[bold]Stages[/]", Markup.Escape(string.Join(", ", run.GetStages().Select(s => $"{s.Key} {s.Value}"))));
+        if (run.DatasetId is not null)
+        {
+            grid.AddRow("[bold]Dataset[/]", run.DatasetId);
+        }
+
+        grid.AddRow("[bold]Counts[/]", Markup.Escape(string.Join(", ", run.GetCounts().Select(c => $"{c.Key} {c.Value:N0}"))));
+        grid.AddRow("[bold]Timings[/]", Markup.Escape(string.Join(", ", run.GetTimings().Select(t => $"{t.Key} {t.Value / 1000:N2} s"))));
+        foreach (var (name, path) in run.GetArtifacts())
+        {
+            grid.AddRow($"[bold]{Markup.Escape(name)}[/]", Markup.Escape(path));
+        }
+
+        if (run.Error is not null)
+        {
+            grid.AddRow("[bold red]Error[/]", Markup.Escape($"{run.ErrorCode}: {run.Error}"));
+        }
+
+        if (run.ReportPath is not null)
+        {
+            grid.AddRow("[bold]Report[/]", Markup.Escape(run.ReportPath));
+        }
+
+        if (run.LastError is not null && run.Status != RunStatus.Failed)
+        {
+            grid.AddRow("[bold yellow]Last error[/]", Markup.Escape($"(attempt {run.Attempt}) {run.LastError}"));
+        }
+
+        AnsiConsole.Write(new Panel(grid).Header("Pipeline run").Expand());
+    }
+}

@@ -1,0 +1,31 @@
+using Pipeline.Functions;
+using Pipeline.Hosting;
+
+// One executable, two roles: the custom handler the Functions host starts (FUNCTIONS_CUSTOMHANDLER_PORT),
+// and with --local, also the host itself for our bindings (queue triggers, blob-created events) on any storage account.
+var local = args.Contains("--local");
+var builder = WebApplication.CreateBuilder(args.Where(a => a != "--local").ToArray());
+var localOptions = builder.Configuration.GetSection(LocalHostOptions.Section).Get<LocalHostOptions>() ?? new LocalHostOptions();
+builder.Configuration.AddHostJson(localOptions.AppRoot);
+
+var port = int.TryParse(builder.Configuration["FUNCTIONS_CUSTOMHANDLER_PORT"], out var handlerPort) ? handlerPort
+    : localOptions.Port > 0 ? localOptions.Port
+    : 7071;
+builder.WebHost.UseUrls($"http://127.0.0.1:{port}");
+
+builder.Services
+    .AddPipelineStorage(builder.Configuration)
+    .AddPipelineRuns()
+    .AddIngestion(builder.Configuration);
+
+if (local)
+{
+    localOptions.Port = port;
+    builder.Services.AddSingleton(localOptions);
+    builder.Services.AddHostedService<LocalHostService>();
+}
+
+var app = builder.Build();
+app.MapQueueFunctions();
+app.MapGet("/", () => Results.Ok(new { name = "Pipeline", mode = local ? "local" : "custom-handler" }));
+app.Run();

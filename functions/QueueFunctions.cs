@@ -1,0 +1,71 @@
+using System.Text.Json;
+using Pipeline.Hosting;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+
+namespace Pipeline.Functions;
+
+/// <summary>
+/// Maps each queue-triggered function (folder + function.json) to its stage handler, behind the
+/// custom-handler contract: 200 acknowledges the message, 500 makes the host retry it.
+/// </summary>
+public static class QueueFunctions
+{
+    private const string Binding = "message";
+
+    public static void MapQueueFunctions(this WebApplication app)
+    {
+        app.MapQueueFunction("Ingest", Pipeline.Storage.StorageNames.Queues.BlobCreated,
+            (services, message, invocation, ct) => services.GetRequiredService<IngestHandler>().HandleBlobCreatedAsync(message, invocation.GetDequeueCount(), ct));
+        app.MapQueueFunction("Commands", Pipeline.Storage.StorageNames.Queues.Commands,
+            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDequeueCount(), ct));
+        app.MapQueueFunction("IngestPoison", Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.BlobCreated),
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(Pipeline.Storage.StorageNames.Queues.BlobCreated, message, invocation.GetMetadataText("Id"), ct));
+        app.MapQueueFunction("CommandsPoison", Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.Commands),
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(Pipeline.Storage.StorageNames.Queues.Commands, message, invocation.GetMetadataText("Id"), ct));
+    }
+
+    /// <summary>The functions this app serves and the queue each one's function.json must name.</summary>
+    public static readonly IReadOnlyDictionary<string, string> Triggers = new Dictionary<string, string>
+    {
+        ["Ingest"] = Pipeline.Storage.StorageNames.Queues.BlobCreated,
+        ["Commands"] = Pipeline.Storage.StorageNames.Queues.Commands,
+        ["IngestPoison"] = Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.BlobCreated),
+        ["CommandsPoison"] = Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.Commands),
+    };
+
+    private static void MapQueueFunction(this WebApplication app, string name, string queue, Func<IServiceProvider, string, InvocationRequest, CancellationToken, Task> handle)
+    {
+        app.MapPost($"/{name}", async (HttpContext http, IServiceProvider services, ILoggerFactory loggers, CancellationToken ct) =>
+        {
+            var logger = loggers.CreateLogger($"Function.{name}");
+            var invocation = await JsonSerializer.DeserializeAsync(http.Request.Body, InvocationJson.Default.InvocationRequest, ct)
+                ?? new InvocationRequest();
+            var message = invocation.GetText(Binding);
+            if (message is null)
+            {
+                return Respond(StatusCodes.Status400BadRequest, $"The invocation has no '{Binding}' binding data.");
+            }
+
+            try
+            {
+                await handle(services, message, invocation, ct);
+                return Respond(StatusCodes.Status200OK, $"{name} completed");
+            }
+            catch (InvalidMessageException e)
+            {
+                // Can never succeed: record it with its reason and acknowledge, so it is not retried.
+                await services.GetRequiredService<FailedMessages>().RecordInvalidAsync(queue, message, invocation.GetMetadataText("Id"), e.Message, ct);
+                return Respond(StatusCodes.Status200OK, $"{name}: invalid message recorded: {e.Message}");
+            }
+            catch (Exception e) when (!ct.IsCancellationRequested)
+            {
+                logger.LogError(e, "{Function} failed; the host will retry the message", name);
+                return Respond(StatusCodes.Status500InternalServerError, $"{name} failed: {e.GetType().Name}: {e.Message}");
+            }
+        });
+    }
+
+    private static IResult Respond(int status, string log) =>
+        Results.Json(new InvocationResponse { Logs = [log] }, InvocationJson.Default.InvocationResponse, statusCode: status);
+}

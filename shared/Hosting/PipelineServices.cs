@@ -1,0 +1,36 @@
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Hosting;
+
+/// <summary>The composition of the platform: one call per area, read top to bottom.</summary>
+public static class PipelineServices
+{
+    public static IServiceCollection AddPipelineStorage(this IServiceCollection services, IConfiguration configuration)
+    {
+        services.AddSingleton(_ => StorageClients.FromConfiguration(configuration, QueuesOptions.From(configuration).QueueMessageEncoding));
+        services.AddSingleton<BlobCopier>();
+        return services;
+    }
+
+    public static IServiceCollection AddPipelineRuns(this IServiceCollection services)
+    {
+        services.AddSingleton<RunStore>();
+        services.AddSingleton<RunEvents>();
+        services.AddSingleton<QueueSender>();
+        services.AddSingleton<FailedMessages>();
+        services.AddSingleton<CommandRouter>();
+        return services;
+    }
+
+    public static IServiceCollection AddIngestion(this IServiceCollection services, IConfiguration configuration)
+    {
+        services.Configure<IngestionOptions>(configuration.GetSection(IngestionOptions.Section));
+        services.AddSingleton<IngestHandler>();
+        return services;
+    }
+}

@@ -1,0 +1,381 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Azure;
+using Azure.Storage.Blobs;
+using Azure.Storage.Blobs.Models;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Ingestion;
+
+/// <summary>A source to ingest: one version (ETag) of one blob.</summary>
+public sealed record IngestRequest(string Container, string Blob, string ETag, string RunId, RunSpec? Spec);
+
+/// <summary>
+/// The ingestion stage: turns a dropped file into <c>datasets/&lt;datasetId&gt;/</c> (records, errors,
+/// manifest last), records the run, and hands the dataset to preprocessing. Bad input fails the run with a
+/// precise reason and a quarantined copy; infrastructure failures are thrown so the host retries.
+/// </summary>
+public sealed class IngestHandler(
+    StorageClients storage,
+    RunStore runs,
+    RunEvents events,
+    QueueSender sender,
+    BlobCopier copier,
+    IOptions<IngestionOptions> options,
+    ILogger<IngestHandler> logger)
+{
+    public const string StagingPrefix = "_staging";
+    private readonly IngestionOptions _options = options.Value;
+
+    public static string StagingPath(string runId, string file) => $"{StagingPrefix}/{runId}/{file}";
+
+    /// <summary>Handles one Event Grid event from the <c>blob-created</c> queue.</summary>
+    public async Task HandleBlobCreatedAsync(string message, int dequeueCount, CancellationToken cancellationToken)
+    {
+        BlobCreatedEvent? blobEvent;
+        try
+        {
+            var trimmed = message.TrimStart();
+            blobEvent = trimmed.StartsWith('[')
+                ? JsonSerializer.Deserialize(message, PipelineJson.Default.BlobCreatedEventArray)?.FirstOrDefault()
+                : JsonSerializer.Deserialize(message, PipelineJson.Default.BlobCreatedEvent);
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidMessageException($"The blob-created message is not an Event Grid event: {e.Message}");
+        }
+
+        if (blobEvent is null || blobEvent.EventType != BlobCreatedEvent.EventTypeName || blobEvent.ParseSubject() is not { } target)
+        {
+            logger.LogInformation("Ignoring event {EventType} for {Subject}", blobEvent?.EventType, blobEvent?.Subject);
+            return;
+        }
+
+        if (target.Container != StorageNames.Containers.Incoming || target.Blob.EndsWith(RunSpec.FileSuffix, StringComparison.OrdinalIgnoreCase))
+        {
+            // Run specs are read with their data; other containers are not drop zones.
+            return;
+        }
+
+        var runId = RunIds.ForBlob(target.Container, target.Blob, blobEvent.Data.ETag);
+        await IngestAsync(new IngestRequest(target.Container, target.Blob, blobEvent.Data.ETag.Trim('"'), runId, Spec: null), dequeueCount, cancellationToken);
+    }
+
+    /// <summary>Handles an <c>ingest</c> command naming a blob already in the account (<c>container/path</c>).</summary>
+    public async Task HandleCommandAsync(IngestCommand command, string? runId, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var slash = command.Blob.IndexOf('/');
+        if (slash <= 0 || slash == command.Blob.Length - 1)
+        {
+            throw new InvalidMessageException($"The ingest command's blob '{command.Blob}' must be 'container/path', for example 'incoming/reviews.tsv'.");
+        }
+
+        var container = command.Blob[..slash];
+        var name = command.Blob[(slash + 1)..];
+        var blob = storage.Container(container).GetBlobClient(name);
+        Response<BlobProperties> properties;
+        try
+        {
+            properties = await blob.GetPropertiesAsync(cancellationToken: cancellationToken);
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            throw new InvalidMessageException($"The ingest command names '{command.Blob}', which does not exist in this storage account. Upload it first.");
+        }
+
+        try
+        {
+            command.Spec?.Validate("in the ingest command");
+        }
+        catch (RunSpecException e)
+        {
+            throw new InvalidMessageException(e.Message);
+        }
+
+        var etag = properties.Value.ETag.ToString().Trim('"');
+        runId ??= RunIds.ForBlob(container, name, etag);
+        await IngestAsync(new IngestRequest(container, name, etag, runId, command.Spec), dequeueCount, cancellationToken);
+    }
+
+    public async Task IngestAsync(IngestRequest request, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var source = $"{request.Container}/{request.Blob}";
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = request.RunId, ["Source"] = source });
+        var run = await runs.GetOrCreateAsync(new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest }, cancellationToken);
+        var ingestStatus = run.GetStages().GetValueOrDefault(Stages.Ingest);
+        if (ingestStatus == RunStatus.Succeeded || RunStatus.IsFinal(run.Status))
+        {
+            logger.LogInformation("Run {RunId} already ingested ({Status}); nothing to do", run.RunId, run.Status);
+            return;
+        }
+
+        var clock = Stopwatch.StartNew();
+        run = await runs.UpdateAsync(run.RunId, r =>
+        {
+            r.Status = RunStatus.Running;
+            r.Stage = Stages.Ingest;
+            r.SetStage(Stages.Ingest, RunStatus.Running);
+            r.Attempt = dequeueCount;
+            r.StartedAt ??= DateTimeOffset.UtcNow;
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+
+        try
+        {
+            await RunIngestionAsync(request, clock, cancellationToken);
+        }
+        catch (Exception e) when (e is IngestionRejectedException or RunSpecException)
+        {
+            var code = e is IngestionRejectedException rejected ? rejected.Code : RejectionCodes.InvalidRunSpec;
+            await RejectAsync(request, code, e.Message, result: null, clock, cancellationToken);
+        }
+        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+        {
+            // Transient: record why, then let the host retry (and poison the message after maxDequeueCount).
+            logger.LogWarning(e, "Ingestion of {Source} failed on attempt {Attempt}; the host will retry", source, dequeueCount);
+            run = await runs.UpdateAsync(request.RunId, r =>
+            {
+                r.LastError = Truncate($"{e.GetType().Name}: {e.Message}", 4000);
+                r.Attempt = dequeueCount;
+                return true;
+            }, CancellationToken.None);
+            await events.PublishAsync(RunEvents.Types.StageRetrying, run, CancellationToken.None);
+            throw;
+        }
+    }
+
+    private async Task RunIngestionAsync(IngestRequest request, Stopwatch clock, CancellationToken cancellationToken)
+    {
+        var sourceBlob = storage.Container(request.Container).GetBlobClient(request.Blob);
+        var properties = await SourcePropertiesAsync(sourceBlob, request, cancellationToken);
+        var spec = request.Spec ?? await FindSpecAsync(request, cancellationToken);
+        var settings = _options.Resolve(spec?.Ingest);
+        if (properties.ContentLength > _options.MaxFileBytes)
+        {
+            throw new IngestionRejectedException(RejectionCodes.FileTooLarge,
+                $"The file is {properties.ContentLength:N0} bytes, over the {_options.MaxFileBytes:N0} byte limit (Pipeline:Ingestion:MaxFileBytes). Split it into smaller files.");
+        }
+
+        var datasets = storage.Container(StorageNames.Containers.Datasets);
+        var stagedRecords = datasets.GetBlobClient(StagingPath(request.RunId, "records.jsonl"));
+        var stagedErrors = datasets.GetBlobClient(StagingPath(request.RunId, "errors.jsonl"));
+        IngestResult result;
+        var download = await sourceBlob.DownloadStreamingAsync(
+            new BlobDownloadOptions { Conditions = new BlobRequestConditions { IfMatch = new ETag(request.ETag) } }, cancellationToken);
+        await using (var sourceStream = download.Value.Content)
+        await using (var recordsStream = await OpenWriteAsync(stagedRecords, cancellationToken))
+        await using (var errorsStream = await OpenWriteAsync(stagedErrors, cancellationToken))
+        {
+            var ingestor = new DatasetIngestor(_options);
+            result = await ingestor.RunAsync(sourceStream, request.Blob, properties.ContentLength, settings, recordsStream, errorsStream,
+                counts => new ValueTask(runs.UpdateAsync(request.RunId, r =>
+                {
+                    r.SetCounts(counts.ToDictionary());
+                    return true;
+                }, cancellationToken)),
+                cancellationToken);
+        }
+
+        if (result.Rejection(settings) is { } rejection)
+        {
+            await RejectAsync(request, rejection.Code, rejection.Message, result, clock, cancellationToken);
+            return;
+        }
+
+        var fingerprint = settings.Fingerprint();
+        var datasetId = "ds-" + RunIds.Hash($"{result.Sha256}|{fingerprint}", 24);
+        var manifestBlob = datasets.GetBlobClient($"{datasetId}/manifest.json");
+        var created = false;
+        if (!await manifestBlob.ExistsAsync(cancellationToken))
+        {
+            await copier.CopyAsync(stagedRecords, datasets.GetBlobClient($"{datasetId}/records.jsonl"), cancellationToken);
+            await copier.CopyAsync(stagedErrors, datasets.GetBlobClient($"{datasetId}/errors.jsonl"), cancellationToken);
+            var manifest = new DatasetManifest
+            {
+                DatasetId = datasetId,
+                Format = result.Detected.Format,
+                FormatReason = result.Detected.Reason,
+                RecordKind = result.Detected.RecordKind,
+                LabelType = result.LabelType,
+                LabelCounts = result.LabelCounts.Count > 0 ? result.LabelCounts : null,
+                HasHeader = result.Detected.HasHeader,
+                Columns = result.Detected.Columns,
+                Counts = result.Counts,
+                DuplicatesExact = result.DuplicatesExact,
+                Sha256 = result.Sha256,
+                SourceBlob = $"{request.Container}/{request.Blob}",
+                SourceETag = request.ETag,
+                RunId = request.RunId,
+                Records = $"{datasetId}/records.jsonl",
+                Errors = $"{datasetId}/errors.jsonl",
+                CreatedAt = DateTimeOffset.UtcNow,
+                TimingsMs = new() { ["ingest"] = Math.Round(clock.Elapsed.TotalMilliseconds, 1) },
+                SettingsFingerprint = fingerprint,
+            };
+            created = await WriteOnceAsync(manifestBlob, JsonSerializer.SerializeToUtf8Bytes(manifest, PipelineJson.Default.DatasetManifest), cancellationToken);
+        }
+
+        await DeleteStagingAsync(request.RunId, cancellationToken);
+        await sender.SendAsync(StorageNames.Queues.Preprocess, MessageTypes.Preprocess, request.RunId,
+            new PreprocessRequest(datasetId, $"{StorageNames.Containers.Datasets}/{datasetId}/manifest.json", spec),
+            PipelineJson.Default.PreprocessRequest, cancellationToken: cancellationToken);
+
+        var run = await runs.UpdateAsync(request.RunId, r =>
+        {
+            r.DatasetId = datasetId;
+            r.Stage = Stages.Preprocess;
+            r.SetStage(Stages.Ingest, RunStatus.Succeeded);
+            r.SetStage(Stages.Preprocess, RunStatus.Queued);
+            r.SetCounts(result.Counts.ToDictionary());
+            r.SetArtifact("dataset", $"{StorageNames.Containers.Datasets}/{datasetId}/");
+            r.SetArtifact("manifest", $"{StorageNames.Containers.Datasets}/{datasetId}/manifest.json");
+            r.SetArtifact("records", $"{StorageNames.Containers.Datasets}/{datasetId}/records.jsonl");
+            r.SetArtifact("errors", $"{StorageNames.Containers.Datasets}/{datasetId}/errors.jsonl");
+            r.SetTiming(Stages.Ingest, clock.Elapsed);
+            r.SpecJson = spec is null ? null : JsonSerializer.Serialize(spec, PipelineJson.Default.RunSpec);
+            r.LastError = null;
+            return true;
+        }, cancellationToken);
+        if (created)
+        {
+            await events.PublishAsync(RunEvents.Types.DatasetCreated, run, cancellationToken);
+        }
+
+        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
+        logger.LogInformation("Ingested {Source} into {DatasetId}: {Valid} valid, {Invalid} invalid of {Read} records ({Reuse})",
+            run.Source, datasetId, result.Counts.Valid, result.Counts.Invalid, result.Counts.Read, created ? "new dataset" : "dataset already existed");
+    }
+
+    private static async Task<BlobProperties> SourcePropertiesAsync(BlobClient blob, IngestRequest request, CancellationToken cancellationToken)
+    {
+        try
+        {
+            var properties = (await blob.GetPropertiesAsync(cancellationToken: cancellationToken)).Value;
+            if (properties.ETag.ToString().Trim('"') != request.ETag)
+            {
+                throw new IngestionRejectedException(RejectionCodes.SourceChanged,
+                    $"The blob {request.Container}/{request.Blob} was overwritten after this version was uploaded; the newer version is ingested by its own run.");
+            }
+
+            return properties;
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            throw new IngestionRejectedException(RejectionCodes.SourceNotFound,
+                $"The blob {request.Container}/{request.Blob} no longer exists; it was deleted before it could be ingested.");
+        }
+    }
+
+    private async Task<RunSpec?> FindSpecAsync(IngestRequest request, CancellationToken cancellationToken)
+    {
+        var container = storage.Container(request.Container);
+        foreach (var name in RunSpec.CandidateNamesFor(request.Blob))
+        {
+            try
+            {
+                var content = await container.GetBlobClient(name).DownloadContentAsync(cancellationToken);
+                return RunSpec.Parse(content.Value.Content.ToMemory().Span, $"{request.Container}/{name}");
+            }
+            catch (RequestFailedException e) when (e.Status == 404)
+            {
+            }
+        }
+
+        return null;
+    }
+
+    private Task<Stream> OpenWriteAsync(BlobClient blob, CancellationToken cancellationToken) =>
+        blob.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = _options.UploadBlockBytes }, cancellationToken);
+
+    /// <summary>Writes a blob only if it does not exist yet; false when another writer got there first.</summary>
+    private static async Task<bool> WriteOnceAsync(BlobClient blob, byte[] content, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await blob.UploadAsync(new BinaryData(content), new BlobUploadOptions
+            {
+                Conditions = new BlobRequestConditions { IfNoneMatch = ETag.All },
+                HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" },
+            }, cancellationToken);
+            return true;
+        }
+        catch (RequestFailedException e) when (e.Status is 409 or 412)
+        {
+            return false;
+        }
+    }
+
+    private async Task RejectAsync(IngestRequest request, string code, string message, IngestResult? result, Stopwatch clock, CancellationToken cancellationToken)
+    {
+        var quarantine = storage.Container(StorageNames.Containers.Quarantine);
+        var folder = request.RunId;
+        var source = storage.Container(request.Container).GetBlobClient(request.Blob);
+        if (code is not (RejectionCodes.SourceNotFound or RejectionCodes.SourceChanged) && await source.ExistsAsync(cancellationToken))
+        {
+            await copier.CopyAsync(source, quarantine.GetBlobClient($"{folder}/{Path.GetFileName(request.Blob)}"), cancellationToken);
+        }
+
+        var stagedErrors = storage.Container(StorageNames.Containers.Datasets).GetBlobClient(StagingPath(request.RunId, "errors.jsonl"));
+        if (await stagedErrors.ExistsAsync(cancellationToken))
+        {
+            await copier.CopyAsync(stagedErrors, quarantine.GetBlobClient($"{folder}/errors.jsonl"), cancellationToken);
+        }
+
+        var report = new IngestReport
+        {
+            RunId = request.RunId,
+            SourceBlob = $"{request.Container}/{request.Blob}",
+            SourceETag = request.ETag,
+            Code = code,
+            Message = message,
+            Format = result?.Detected.Format,
+            RecordKind = result?.Detected.RecordKind,
+            Counts = result?.Counts,
+            FirstErrors = result?.FirstErrors,
+            CreatedAt = DateTimeOffset.UtcNow,
+        };
+        var reportPath = $"{folder}/report.json";
+        await quarantine.GetBlobClient(reportPath).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(report, PipelineJson.Default.IngestReport)), overwrite: true, cancellationToken);
+        await DeleteStagingAsync(request.RunId, cancellationToken);
+
+        var run = await runs.UpdateAsync(request.RunId, r =>
+        {
+            r.Status = RunStatus.Failed;
+            r.Stage = Stages.Ingest;
+            r.SetStage(Stages.Ingest, RunStatus.Failed);
+            r.Error = message;
+            r.ErrorCode = code;
+            r.ReportPath = $"{StorageNames.Containers.Quarantine}/{reportPath}";
+            r.SetArtifact("quarantine", $"{StorageNames.Containers.Quarantine}/{folder}/");
+            if (result is not null)
+            {
+                r.SetCounts(result.Counts.ToDictionary());
+            }
+
+            r.SetTiming(Stages.Ingest, clock.Elapsed);
+            r.EndedAt = DateTimeOffset.UtcNow;
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
+        logger.LogWarning("Rejected {Source}: {Code}: {Message}", run.Source, code, message);
+    }
+
+    private async Task DeleteStagingAsync(string runId, CancellationToken cancellationToken)
+    {
+        var datasets = storage.Container(StorageNames.Containers.Datasets);
+        foreach (var file in (string[])["records.jsonl", "errors.jsonl"])
+        {
+            await datasets.GetBlobClient(StagingPath(runId, file)).DeleteIfExistsAsync(cancellationToken: cancellationToken);
+        }
+    }
+
+    private static string Truncate(string text, int max) => text.Length <= max ? text : text[..max];
+}
+
+/// <summary>A message that can never succeed (malformed, or naming something that does not exist): recorded, never retried.</summary>
+public sealed class InvalidMessageException(string message) : Exception(message);

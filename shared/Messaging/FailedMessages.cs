@@ -1,0 +1,154 @@
+using System.Text.Json;
+using Azure;
+using Azure.Data.Tables;
+using Microsoft.Extensions.Logging;
+using Pipeline.Ingestion;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Messaging;
+
+/// <summary>A message that was given up on, as kept in the <c>poisonmessages</c> table (partition = queue it came from).</summary>
+public sealed class PoisonRecord : ITableEntity
+{
+    public string PartitionKey { get; set; } = "";
+    public string RowKey { get; set; } = "";
+    public DateTimeOffset? Timestamp { get; set; }
+    public ETag ETag { get; set; }
+
+    public string Queue { get => PartitionKey; set => PartitionKey = value; }
+    public string Message { get; set; } = "";
+    public string? RunId { get; set; }
+    /// <summary>Why it was given up on: the last error of the run, or why the message is invalid.</summary>
+    public string Reason { get; set; } = "";
+    /// <summary><c>poisoned</c> (retries exhausted) or <c>invalid</c> (rejected on arrival, never retried).</summary>
+    public string Kind { get; set; } = "";
+    public int Attempts { get; set; }
+    public DateTimeOffset RecordedAt { get; set; }
+    /// <summary>When it was put back on its queue by a replay, if it was.</summary>
+    public DateTimeOffset? ReplayedAt { get; set; }
+}
+
+/// <summary>
+/// Records messages that will not be processed: poisoned ones (after maxDequeueCount, from the
+/// <c>&lt;queue&gt;-poison</c> queues) and invalid ones (rejected at once). Each keeps its reason, and its
+/// run, when it has one, is marked failed with that reason.
+/// </summary>
+public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEvents events, ILogger<FailedMessages> logger)
+{
+    public const string PoisonedKind = "poisoned";
+    public const string InvalidKind = "invalid";
+    public const string PoisonErrorCode = "PoisonMessage";
+
+    /// <summary>Handles a message that arrived on <c>&lt;sourceQueue&gt;-poison</c>.</summary>
+    public async Task RecordPoisonAsync(string sourceQueue, string message, string? messageId, CancellationToken cancellationToken)
+    {
+        var runId = RunIdOf(sourceQueue, message);
+        var run = await runs.GetAsync(runId, cancellationToken);
+        var attempts = run?.Attempt ?? 0;
+        var lastError = run?.LastError ?? "no error was recorded (the handler may have crashed or timed out before it could record one)";
+        var reason = $"Gave up after {attempts} attempt(s): the {sourceQueue} message was moved to {StorageNames.Queues.Poison(sourceQueue)}. Last error: {lastError}";
+        await SaveAsync(sourceQueue, message, messageId, runId, reason, PoisonedKind, attempts, cancellationToken);
+        await FailRunAsync(runId, sourceQueue, PoisonErrorCode, reason, cancellationToken);
+    }
+
+    /// <summary>Handles a message that can never succeed: recorded with its reason and acknowledged.</summary>
+    public async Task RecordInvalidAsync(string sourceQueue, string message, string? messageId, string reason, CancellationToken cancellationToken)
+    {
+        var runId = RunIdOf(sourceQueue, message);
+        await SaveAsync(sourceQueue, message, messageId, runId, reason, InvalidKind, 1, cancellationToken);
+        await FailRunAsync(runId, sourceQueue, RejectionCodes.InvalidMessage, reason, cancellationToken);
+    }
+
+    public static async Task<List<PoisonRecord>> ListAsync(StorageClients storage, string? queue, CancellationToken cancellationToken)
+    {
+        var table = storage.Table(StorageNames.Tables.PoisonMessages);
+        var filter = queue is null ? null : TableClient.CreateQueryFilter($"PartitionKey eq {queue}");
+        var list = new List<PoisonRecord>();
+        await foreach (var record in table.QueryAsync<PoisonRecord>(filter, cancellationToken: cancellationToken))
+        {
+            list.Add(record);
+        }
+
+        return list;
+    }
+
+    /// <summary>The run a message belongs to: from its envelope, its blob event, or (failing both) its text.</summary>
+    public static string RunIdOf(string queue, string message)
+    {
+        try
+        {
+            using var document = JsonDocument.Parse(message);
+            var root = document.RootElement.ValueKind == JsonValueKind.Array && document.RootElement.GetArrayLength() > 0 ? document.RootElement[0] : document.RootElement;
+            if (root.ValueKind == JsonValueKind.Object)
+            {
+                if (root.TryGetProperty("runId", out var runId) && runId.ValueKind == JsonValueKind.String && runId.GetString() is { Length: > 0 } id)
+                {
+                    return id;
+                }
+
+                if (root.TryGetProperty("eventType", out _))
+                {
+                    var blobEvent = root.Deserialize(PipelineJson.Default.BlobCreatedEvent);
+                    if (blobEvent?.ParseSubject() is { } target && blobEvent.Data.ETag.Length > 0)
+                    {
+                        return RunIds.ForBlob(target.Container, target.Blob, blobEvent.Data.ETag);
+                    }
+                }
+            }
+        }
+        catch (JsonException)
+        {
+        }
+
+        return RunIds.ForMessage(queue, message);
+    }
+
+    private async Task SaveAsync(string queue, string message, string? messageId, string runId, string reason, string kind, int attempts, CancellationToken cancellationToken)
+    {
+        var record = new PoisonRecord
+        {
+            Queue = queue,
+            RowKey = messageId is { Length: > 0 } ? messageId : RunIds.Hash(message, 32),
+            Message = message.Length > 30_000 ? message[..30_000] : message,
+            RunId = runId,
+            Reason = reason.Length > 8000 ? reason[..8000] : reason,
+            Kind = kind,
+            Attempts = attempts,
+            RecordedAt = DateTimeOffset.UtcNow,
+        };
+        await storage.Table(StorageNames.Tables.PoisonMessages).UpsertEntityAsync(record, TableUpdateMode.Replace, cancellationToken);
+        logger.LogWarning("Message on {Queue} for run {RunId} {Kind}: {Reason}", queue, runId, kind, reason);
+    }
+
+    private async Task FailRunAsync(string runId, string queue, string code, string reason, CancellationToken cancellationToken)
+    {
+        await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"queue:{queue}", Stage = StageOf(queue) }, cancellationToken);
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
+            r.Status = RunStatus.Failed;
+            r.SetStage(r.Stage, RunStatus.Failed);
+            r.Error = reason;
+            r.ErrorCode = code;
+            r.EndedAt = DateTimeOffset.UtcNow;
+            return true;
+        }, cancellationToken);
+        if (run.ErrorCode == code && run.Status == RunStatus.Failed)
+        {
+            await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
+        }
+    }
+
+    private static string StageOf(string queue) => queue switch
+    {
+        StorageNames.Queues.Preprocess => Stages.Preprocess,
+        StorageNames.Queues.FineTune or StorageNames.Queues.FineTuneMonitor => Stages.FineTune,
+        StorageNames.Queues.Inference or StorageNames.Queues.InferenceShard => Stages.Inference,
+        _ => Stages.Ingest,
+    };
+}

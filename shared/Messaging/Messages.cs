@@ -1,0 +1,94 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Pipeline.Ingestion;
+using Pipeline.Runs;
+
+namespace Pipeline.Messaging;
+
+/// <summary>
+/// The envelope of every message the platform puts on a queue: references, never payloads.
+/// <see cref="Body"/> is the type-specific part (see <see cref="MessageTypes"/>).
+/// </summary>
+public sealed record MessageEnvelope
+{
+    public const int CurrentSchemaVersion = 1;
+
+    public int SchemaVersion { get; init; } = CurrentSchemaVersion;
+    public required string Type { get; init; }
+    public string? RunId { get; init; }
+    public string? CorrelationId { get; init; }
+    /// <summary>W3C trace context of the sender, so one run can be followed across stages.</summary>
+    public string? TraceParent { get; init; }
+    public int Attempt { get; init; } = 1;
+    public JsonElement Body { get; init; }
+}
+
+public static class MessageTypes
+{
+    public const string Ingest = "ingest";
+    public const string Preprocess = "preprocess";
+}
+
+/// <summary>Body of an <c>ingest</c> command: a blob already in the account, and optionally a run spec.</summary>
+public sealed record IngestCommand(string Blob, RunSpec? Spec = null);
+
+/// <summary>Body of a <c>preprocess</c> message: the dataset ingestion produced and the run spec to follow.</summary>
+public sealed record PreprocessRequest(string DatasetId, string DatasetManifest, RunSpec? Spec = null);
+
+/// <summary>An Event Grid <c>Microsoft.Storage.BlobCreated</c> event (Event Grid schema), as delivered to the blob-created queue.</summary>
+public sealed record BlobCreatedEvent
+{
+    public const string EventTypeName = "Microsoft.Storage.BlobCreated";
+
+    public string Id { get; init; } = "";
+    public string? Topic { get; init; }
+    public string Subject { get; init; } = "";
+    public string EventType { get; init; } = "";
+    public DateTimeOffset EventTime { get; init; }
+    public BlobCreatedData Data { get; init; } = new();
+    public string DataVersion { get; init; } = "";
+    public string MetadataVersion { get; init; } = "1";
+
+    /// <summary>Container and blob name from the subject <c>/blobServices/default/containers/{c}/blobs/{name}</c>.</summary>
+    public (string Container, string Blob)? ParseSubject()
+    {
+        const string prefix = "/blobServices/default/containers/";
+        if (!Subject.StartsWith(prefix, StringComparison.Ordinal))
+        {
+            return null;
+        }
+
+        var rest = Subject[prefix.Length..];
+        var split = rest.IndexOf("/blobs/", StringComparison.Ordinal);
+        return split <= 0 ? null : (rest[..split], rest[(split + "/blobs/".Length)..]);
+    }
+}
+
+public sealed record BlobCreatedData
+{
+    public string Api { get; init; } = "PutBlob";
+    public string? ClientRequestId { get; init; }
+    public string? RequestId { get; init; }
+    public string ETag { get; init; } = "";
+    public string? ContentType { get; init; }
+    public long ContentLength { get; init; }
+    public string BlobType { get; init; } = "BlockBlob";
+    public string Url { get; init; } = "";
+    public string? Sequencer { get; init; }
+}
+
+[JsonSourceGenerationOptions(
+    JsonSerializerDefaults.Web,
+    DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull,
+    WriteIndented = false)]
+[JsonSerializable(typeof(MessageEnvelope))]
+[JsonSerializable(typeof(IngestCommand))]
+[JsonSerializable(typeof(PreprocessRequest))]
+[JsonSerializable(typeof(BlobCreatedEvent))]
+[JsonSerializable(typeof(BlobCreatedEvent[]))]
+[JsonSerializable(typeof(RunEventData))]
+[JsonSerializable(typeof(RunSpec))]
+[JsonSerializable(typeof(DatasetManifest))]
+[JsonSerializable(typeof(IngestReport))]
+[JsonSerializable(typeof(RecordError))]
+public sealed partial class PipelineJson : JsonSerializerContext;
