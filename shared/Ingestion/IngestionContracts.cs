@@ -97,7 +97,7 @@ public sealed record DatasetManifest
 {
     public const int CurrentSchemaVersion = 1;
 
-    public int SchemaVersion { get; init; } = CurrentSchemaVersion;
+    public int SchemaVersion { get; set; } = CurrentSchemaVersion;
     public required string DatasetId { get; init; }
     public required string Format { get; init; }
     /// <summary>Why this format was chosen: the run spec, the extension, or the content.</summary>
@@ -112,7 +112,7 @@ public sealed record DatasetManifest
     public string[]? Columns { get; init; }
     public required IngestCounts Counts { get; init; }
     /// <summary>Whether <see cref="IngestCounts.Duplicates"/> is exact (it is approximate past the tracking limit).</summary>
-    public bool DuplicatesExact { get; init; } = true;
+    public bool DuplicatesExact { get; set; } = true;
     /// <summary>SHA-256 of the source bytes, hex.</summary>
     public required string Sha256 { get; init; }
     public required string SourceBlob { get; init; }
@@ -130,7 +130,7 @@ public sealed record DatasetManifest
 /// <summary>The report kept with a rejected file in quarantine, and referenced from its run.</summary>
 public sealed record IngestReport
 {
-    public int SchemaVersion { get; init; } = 1;
+    public int SchemaVersion { get; set; } = 1;
     public required string RunId { get; init; }
     public required string SourceBlob { get; init; }
     public string? SourceETag { get; init; }

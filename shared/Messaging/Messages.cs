@@ -13,13 +13,13 @@ public sealed record MessageEnvelope
 {
     public const int CurrentSchemaVersion = 1;
 
-    public int SchemaVersion { get; init; } = CurrentSchemaVersion;
+    public int SchemaVersion { get; set; } = CurrentSchemaVersion;
     public required string Type { get; init; }
     public string? RunId { get; init; }
     public string? CorrelationId { get; init; }
     /// <summary>W3C trace context of the sender, so one run can be followed across stages.</summary>
     public string? TraceParent { get; init; }
-    public int Attempt { get; init; } = 1;
+    public int Attempt { get; set; } = 1;
     public JsonElement Body { get; init; }
 }
 
@@ -40,14 +40,14 @@ public sealed record BlobCreatedEvent
 {
     public const string EventTypeName = "Microsoft.Storage.BlobCreated";
 
-    public string Id { get; init; } = "";
+    public string Id { get; set; } = "";
     public string? Topic { get; init; }
-    public string Subject { get; init; } = "";
-    public string EventType { get; init; } = "";
+    public string Subject { get; set; } = "";
+    public string EventType { get; set; } = "";
     public DateTimeOffset EventTime { get; init; }
-    public BlobCreatedData Data { get; init; } = new();
-    public string DataVersion { get; init; } = "";
-    public string MetadataVersion { get; init; } = "1";
+    public BlobCreatedData Data { get; set; } = new();
+    public string DataVersion { get; set; } = "";
+    public string MetadataVersion { get; set; } = "1";
 
     /// <summary>Container and blob name from the subject <c>/blobServices/default/containers/{c}/blobs/{name}</c>.</summary>
     public (string Container, string Blob)? ParseSubject()
@@ -66,14 +66,14 @@ public sealed record BlobCreatedEvent
 
 public sealed record BlobCreatedData
 {
-    public string Api { get; init; } = "PutBlob";
+    public string Api { get; set; } = "PutBlob";
     public string? ClientRequestId { get; init; }
     public string? RequestId { get; init; }
-    public string ETag { get; init; } = "";
+    public string ETag { get; set; } = "";
     public string? ContentType { get; init; }
     public long ContentLength { get; init; }
-    public string BlobType { get; init; } = "BlockBlob";
-    public string Url { get; init; } = "";
+    public string BlobType { get; set; } = "BlockBlob";
+    public string Url { get; set; } = "";
     public string? Sequencer { get; init; }
 }
 

@@ -15,7 +15,7 @@ public sealed record RunSpec
     public const int CurrentSchemaVersion = 1;
     public const string FileSuffix = ".pipeline.json";
 
-    public int SchemaVersion { get; init; } = CurrentSchemaVersion;
+    public int SchemaVersion { get; set; } = CurrentSchemaVersion;
     public IngestSpec? Ingest { get; init; }
 
     /// <summary>Settings of the later stages, validated by those stages.</summary>

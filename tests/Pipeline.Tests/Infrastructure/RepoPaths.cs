@@ -1,0 +1,40 @@
+namespace Pipeline.Tests.Infrastructure;
+
+/// <summary>Where the repository, its build outputs and the team's shared data are.</summary>
+public static class RepoPaths
+{
+    public static string Root { get; } = FindRoot();
+
+    /// <summary>The build configuration the tests run under (Debug or Release).</summary>
+    public static string Configuration { get; } = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Release{Path.DirectorySeparatorChar}") ? "Release" : "Debug";
+
+    /// <summary>The function app folder as built: host.json, one folder per function, the handler.</summary>
+    public static string FunctionApp => Path.Combine(Root, "functions", "bin", Configuration, "net10.0");
+
+    /// <summary><c>../shared/data</c> beside the project (CI always has it; a user's clone may not).</summary>
+    public static string? SharedData
+    {
+        get
+        {
+            var path = Path.GetFullPath(Path.Combine(Root, "..", "shared", "data"));
+            return Directory.Exists(path) ? path : null;
+        }
+    }
+
+    public static string RequireSharedData(string relative)
+    {
+        var root = SharedData ?? throw new InvalidOperationException("../shared/data is not beside the project; these tests need the team's data folder (CI always has it).");
+        return Path.Combine(root, relative);
+    }
+
+    private static string FindRoot()
+    {
+        var directory = new DirectoryInfo(AppContext.BaseDirectory);
+        while (directory is not null && !File.Exists(Path.Combine(directory.FullName, "Pipeline.sln")))
+        {
+            directory = directory.Parent;
+        }
+
+        return directory?.FullName ?? throw new InvalidOperationException("Pipeline.sln not found above the test folder.");
+    }
+}
