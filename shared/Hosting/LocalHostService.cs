@@ -46,6 +46,12 @@ public sealed class LocalHostService(
         var tasks = new List<Task>();
         foreach (var function in FunctionDefinitions.Load(options.AppRoot, configuration))
         {
+            if (IsDisabled(function.Name))
+            {
+                logger.LogInformation("Function {Function} is disabled by app setting AzureWebJobs.{Function}.Disabled", function.Name, function.Name);
+                continue;
+            }
+
             if (function.TriggerType != "queueTrigger" || function.QueueName is null)
             {
                 logger.LogInformation("Function {Function} ({Trigger}) is not run by local host mode", function.Name, function.TriggerType);
@@ -67,4 +73,8 @@ public sealed class LocalHostService(
             options.Port, queues.BatchSize, queues.MaxDequeueCount, queues.VisibilityTimeout, queues.MessageEncoding);
         await Task.WhenAll(tasks);
     }
+
+    /// <summary>The Functions host's switch: app setting <c>AzureWebJobs.&lt;name&gt;.Disabled</c> (<c>AzureWebJobs__&lt;name&gt;__Disabled</c> on Linux).</summary>
+    private bool IsDisabled(string function) =>
+        string.Equals(configuration[$"AzureWebJobs.{function}.Disabled"] ?? configuration[$"AzureWebJobs:{function}:Disabled"], "true", StringComparison.OrdinalIgnoreCase);
 }

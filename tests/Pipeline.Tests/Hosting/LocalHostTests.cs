@@ -1,0 +1,239 @@
+using System.Net;
+using System.Net.Http.Json;
+using System.Security.Cryptography;
+using System.Text;
+using System.Text.Json;
+using Azure.Storage.Blobs.Specialized;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+using Pipeline.Tests.Infrastructure;
+
+namespace Pipeline.Tests.Hosting;
+
+/// <summary>
+/// The function app's executable in local host mode, as separate processes against a fresh Azurite each:
+/// the custom-handler contract, the blob watcher, retries, poison queues, crashes and competing hosts.
+/// </summary>
+public sealed class LocalHostTests : IAsyncLifetime
+{
+    private readonly Azurite _azurite = new();
+    private TestPipeline _pipeline = null!;
+
+    public async Task InitializeAsync()
+    {
+        await _azurite.InitializeAsync();
+        _pipeline = new TestPipeline(_azurite);
+    }
+
+    public async Task DisposeAsync()
+    {
+        _pipeline.Dispose();
+        await _azurite.DisposeAsync();
+    }
+
+    private static readonly TimeSpan Patience = TimeSpan.FromSeconds(90);
+
+    private Task<RunRecord> RunReachesAsync(string runId, Func<RunRecord, bool> condition, string what, params LocalHostProcess[] hosts) =>
+        Eventually.ReturnsAsync(async () => await _pipeline.Runs.GetAsync(runId) is { } run && condition(run) ? run : null, Patience, what,
+            () => string.Join("\n---\n", hosts.Select(h => h.Output)));
+
+    private async Task<string> UploadAsync(string name, string content)
+    {
+        var blob = _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name);
+        var uploaded = await blob.UploadAsync(new BinaryData(Encoding.UTF8.GetBytes(content)), overwrite: true);
+        return RunIds.ForBlob(StorageNames.Containers.Incoming, name, uploaded.Value.ETag.ToString());
+    }
+
+    [Fact]
+    public async Task A_file_dropped_into_incoming_becomes_a_dataset()
+    {
+        using var host = new LocalHostProcess(_azurite.ConnectionString);
+        var runId = await UploadAsync("dropped.tsv", "text\tlabel\nGreat place\t1\nAwful\t0\n");
+
+        var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the dropped file to be ingested", host);
+
+        var manifest = (await _pipeline.ManifestAsync(run.DatasetId!))!;
+        Assert.Equal(2, manifest.Counts.Valid);
+        Assert.True(manifest.HasHeader);
+        Assert.Contains("Function Ingest: queueTrigger on blob-created", host.Output);
+    }
+
+    [Fact]
+    public async Task The_handler_serves_the_custom_handler_invocation_contract()
+    {
+        using var host = new LocalHostProcess(_azurite.ConnectionString);
+        using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{host.Port}") };
+        await Eventually.ReturnsAsync(async () =>
+        {
+            try
+            {
+                return (await http.GetAsync("/")).IsSuccessStatusCode ? "up" : null;
+            }
+            catch (HttpRequestException)
+            {
+                return null;
+            }
+        }, Patience, "the handler to listen", () => host.Output);
+
+        var name = "contract.jsonl";
+        var runId = await UploadAsync(name, "{\"text\":\"through the contract\"}\n");
+        var blob = _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name);
+        var etag = (await blob.GetPropertiesAsync()).Value.ETag.ToString();
+        var eventJson = JsonSerializer.Serialize(new BlobCreatedEvent
+        {
+            Id = "1",
+            Subject = $"/blobServices/default/containers/incoming/blobs/{name}",
+            EventType = BlobCreatedEvent.EventTypeName,
+            Data = new BlobCreatedData { ETag = etag },
+        }, PipelineJson.Default.BlobCreatedEvent);
+        var payload = new
+        {
+            Data = new Dictionary<string, object> { ["message"] = eventJson },
+            Metadata = new Dictionary<string, object> { ["DequeueCount"] = 1, ["Id"] = "m-1", ["sys"] = new { MethodName = "Ingest" } },
+        };
+
+        using var response = await http.PostAsJsonAsync("/Ingest", payload);
+        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        using var body = JsonDocument.Parse(await response.Content.ReadAsStringAsync());
+        Assert.True(body.RootElement.TryGetProperty("Outputs", out _));
+        Assert.Equal(JsonValueKind.Array, body.RootElement.GetProperty("Logs").ValueKind);
+        Assert.True(body.RootElement.TryGetProperty("ReturnValue", out _));
+        Assert.Equal(RunStatus.Succeeded, (await _pipeline.Runs.GetAsync(runId))!.GetStages()[Stages.Ingest]);
+
+        using var missing = await http.PostAsJsonAsync("/Ingest", new { Data = new { }, Metadata = new { } });
+        Assert.Equal(HttpStatusCode.BadRequest, missing.StatusCode);
+
+        // A message that can never succeed is acknowledged (200) and recorded with its reason, not retried.
+        using var invalid = await http.PostAsJsonAsync("/Commands", new { Data = new { message = "{\"type\":" }, Metadata = new { DequeueCount = 1, Id = "bad-1" } });
+        Assert.Equal(HttpStatusCode.OK, invalid.StatusCode);
+        var recorded = Assert.Single(await FailedMessages.ListAsync(_pipeline.Storage, StorageNames.Queues.Commands, CancellationToken.None));
+        Assert.Equal(FailedMessages.InvalidKind, recorded.Kind);
+        Assert.Contains("not a valid command document", recorded.Reason);
+        var run = (await _pipeline.Runs.GetAsync(recorded.RunId!))!;
+        Assert.Equal(RunStatus.Failed, run.Status);
+        Assert.Equal(RejectionCodes.InvalidMessage, run.ErrorCode);
+    }
+
+    [Fact]
+    public async Task A_message_that_fails_every_time_lands_in_the_poison_queue_and_the_run_shows_why()
+    {
+        const int maxDequeueCount = 3;
+        var runId = await UploadAsync("stuck.jsonl", "{\"text\":\"never lands\"}\n");
+        // Another process holds a lease on the stage's staging blob: every write fails, every attempt.
+        var staged = _pipeline.Storage.Container(StorageNames.Containers.Datasets).GetBlobClient(IngestHandler.StagingPath(runId, "records.jsonl"));
+        await staged.UploadAsync(BinaryData.FromString("held"), overwrite: true);
+        await staged.GetBlobLeaseClient().AcquireAsync(TimeSpan.FromSeconds(-1));
+
+        var settings = new Dictionary<string, string>
+        {
+            ["AzureFunctionsJobHost__extensions__queues__maxDequeueCount"] = maxDequeueCount.ToString(),
+            ["AzureWebJobs__IngestPoison__Disabled"] = "true",
+        };
+        using (var host = new LocalHostProcess(_azurite.ConnectionString, settings))
+        {
+            var poison = _pipeline.Storage.Queue(StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated));
+            var poisoned = await Eventually.ReturnsAsync(async () => (await poison.PeekMessagesAsync(1)).Value.FirstOrDefault(), Patience, "the message to reach blob-created-poison", () => host.Output);
+            Assert.Equal(runId, FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, poisoned.Body.ToString()));
+            var retrying = (await _pipeline.Runs.GetAsync(runId))!;
+            Assert.Equal(maxDequeueCount, retrying.Attempt);
+            Assert.Contains("lease", retrying.LastError, StringComparison.OrdinalIgnoreCase);
+            Assert.Equal(RunStatus.Running, retrying.Status);
+        }
+
+        // With the poison handler running, the run fails with the reason, and the message is kept with it.
+        using var second = new LocalHostProcess(_azurite.ConnectionString);
+        var failed = await RunReachesAsync(runId, r => r.Status == RunStatus.Failed, "the poison handler to fail the run", second);
+        Assert.Equal(FailedMessages.PoisonErrorCode, failed.ErrorCode);
+        Assert.Contains($"Gave up after {maxDequeueCount} attempt(s)", failed.Error);
+        Assert.Contains("blob-created-poison", failed.Error);
+        Assert.Contains("lease", failed.Error, StringComparison.OrdinalIgnoreCase);
+        var kept = Assert.Single(await FailedMessages.ListAsync(_pipeline.Storage, StorageNames.Queues.BlobCreated, CancellationToken.None));
+        Assert.Equal(FailedMessages.PoisonedKind, kept.Kind);
+        Assert.Equal(runId, kept.RunId);
+        Assert.Contains("stuck.jsonl", kept.Message);
+    }
+
+    [Fact]
+    public async Task A_host_killed_mid_ingestion_leaves_no_manifest_and_the_redelivered_message_completes_the_dataset()
+    {
+        var content = new StringBuilder();
+        for (var i = 0; content.Length < 60_000_000; i++)
+        {
+            content.Append("{\"text\":\"record number ").Append(i).Append(" with some words to make it longer than a few bytes\",\"label\":").Append(i % 3).Append("}\n");
+        }
+
+        var text = content.ToString();
+        var datasetId = "ds-" + RunIds.Hash($"{Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text)))}|{new IngestionOptions().Resolve(null).Fingerprint()}", 24);
+        var fast = new Dictionary<string, string>
+        {
+            ["Pipeline__LocalHost__MessageLease"] = "00:00:04",
+            ["Pipeline__Ingestion__ProgressInterval"] = "00:00:00.050",
+        };
+        var first = new LocalHostProcess(_azurite.ConnectionString, fast);
+        var runId = await UploadAsync("large.jsonl", text);
+        await RunReachesAsync(runId, r => r.GetCounts().GetValueOrDefault("read") > 0, "ingestion to make progress", first);
+        first.Kill();
+        var output = first.Output;
+        first.Dispose();
+
+        var interrupted = (await _pipeline.Runs.GetAsync(runId))!;
+        Assert.NotEqual(RunStatus.Succeeded, interrupted.GetStages()[Stages.Ingest]);
+        Assert.Null(await _pipeline.ManifestAsync(datasetId));
+
+        using var second = new LocalHostProcess(_azurite.ConnectionString, fast);
+        var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the redelivered message to complete the dataset", second);
+        Assert.Equal(datasetId, run.DatasetId);
+        Assert.Equal(2, run.Attempt);
+        var manifest = (await _pipeline.ManifestAsync(datasetId))!;
+        Assert.Equal(text.Count(c => c == '\n'), manifest.Counts.Valid);
+        Assert.True(output.Length > 0);
+    }
+
+    [Fact]
+    public async Task Two_hosts_ingest_a_burst_of_100_files_with_each_dataset_produced_exactly_once()
+    {
+        using var a = new LocalHostProcess(_azurite.ConnectionString);
+        using var b = new LocalHostProcess(_azurite.ConnectionString);
+        var runIds = await Task.WhenAll(Enumerable.Range(0, 100).Select(i => UploadAsync($"burst/file-{i:000}.jsonl", $"{{\"text\":\"file {i}\",\"label\":{i % 2}}}\n{{\"text\":\"second row of {i}\",\"label\":0}}\n")));
+
+        var runs = new List<RunRecord>();
+        foreach (var runId in runIds)
+        {
+            runs.Add(await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, $"run {runId} to be ingested", a, b));
+        }
+
+        Assert.Equal(100, runs.Select(r => r.DatasetId).Distinct().Count());
+        Assert.All(runs, r => Assert.Equal(1, r.Attempt));
+        var manifests = (await _pipeline.ListAsync(StorageNames.Containers.Datasets)).Where(n => n.EndsWith("/manifest.json")).ToList();
+        Assert.Equal(100, manifests.Count);
+
+        // Every ingestion started once and created its dataset once, whichever host ran it.
+        var events = await DrainEventsAsync();
+        Assert.Equal(100, events.Count(e => e.Type == RunEvents.Types.DatasetCreated));
+        Assert.Equal(100, events.Count(e => e.Type == RunEvents.Types.StageStarted));
+        Assert.Equal(100, events.Where(e => e.Type == RunEvents.Types.StageStarted).Select(e => e.RunId).Distinct().Count());
+        Assert.Contains("Ingested", a.Output + b.Output);
+    }
+
+    private async Task<List<(string Type, string RunId)>> DrainEventsAsync()
+    {
+        var queue = _pipeline.Storage.Queue(StorageNames.Queues.Events);
+        var events = new List<(string, string)>();
+        while (true)
+        {
+            var batch = (await queue.ReceiveMessagesAsync(32, TimeSpan.FromMinutes(5))).Value;
+            if (batch.Length == 0)
+            {
+                return events;
+            }
+
+            foreach (var message in batch)
+            {
+                using var document = JsonDocument.Parse(message.Body.ToString());
+                events.Add((document.RootElement.GetProperty("type").GetString()!, document.RootElement.GetProperty("runid").GetString()!));
+            }
+        }
+    }
+}
