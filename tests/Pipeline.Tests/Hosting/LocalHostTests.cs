@@ -16,6 +16,7 @@ namespace Pipeline.Tests.Hosting;
 /// The function app's executable in local host mode, as separate processes against a fresh Azurite each:
 /// the custom-handler contract, the blob watcher, retries, poison queues, crashes and competing hosts.
 /// </summary>
+[Collection(LocalHostProcess.Collection)]
 public sealed class LocalHostTests : IAsyncLifetime
 {
     private readonly Azurite _azurite = new();

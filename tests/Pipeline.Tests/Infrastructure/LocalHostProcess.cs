@@ -6,6 +6,9 @@ namespace Pipeline.Tests.Infrastructure;
 /// <summary>The function app started in local host mode as its own process (the real executable), killed on dispose.</summary>
 public sealed class LocalHostProcess : IDisposable
 {
+    /// <summary>Tests that start hosts, or change the environment hosts inherit, run one at a time.</summary>
+    public const string Collection = "Local host processes";
+
     private readonly Process _process;
     private readonly ConcurrentQueue<string> _output = new();
 
@@ -40,8 +43,8 @@ public sealed class LocalHostProcess : IDisposable
         }
 
         _process = Process.Start(start)!;
-        _process.OutputDataReceived += (_, e) => { if (e.Data is not null) _output.Enqueue(e.Data); };
-        _process.ErrorDataReceived += (_, e) => { if (e.Data is not null) _output.Enqueue(e.Data); };
+        _process.OutputDataReceived += (_, e) => { if (e.Data is not null) { _output.Enqueue(e.Data); } };
+        _process.ErrorDataReceived += (_, e) => { if (e.Data is not null) { _output.Enqueue(e.Data); } };
         _process.BeginOutputReadLine();
         _process.BeginErrorReadLine();
     }

@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Shared by run.sh and test.sh: install what the project needs, start and stop Azurite and the local host.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIGURATION="${CONFIGURATION:-Release}"
+FUNCTION_APP="$ROOT/functions/bin/$CONFIGURATION/net10.0"
+CLI="$ROOT/cli/bin/$CONFIGURATION/net10.0/pipeline.dll"
+export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1 DOTNET_SKIP_FIRST_TIME_EXPERIENCE=1
+
+say() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+require_tools() {
+  command -v dotnet >/dev/null || die "the .NET 10 SDK is needed (dotnet on PATH): https://dot.net"
+  command -v node >/dev/null || die "Node.js 20 or later is needed for Azurite (node on PATH)"
+  command -v npm >/dev/null || die "npm is needed for Azurite"
+}
+
+# Azurite, pinned in package-lock.json; reinstalled only when the lock file changes.
+install_azurite() {
+  local stamp="$ROOT/node_modules/.package-lock.json"
+  if [[ ! -x "$ROOT/node_modules/.bin/azurite" || "$ROOT/package-lock.json" -nt "$stamp" ]]; then
+    say "Installing Azurite (npm ci)"
+    (cd "$ROOT" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+build() {
+  say "Building ($CONFIGURATION)"
+  dotnet build "$ROOT/Pipeline.sln" -c "$CONFIGURATION" -nologo -clp:ErrorsOnly -warnaserror "$@"
+}
+
+free_port() {
+  node -e "const s=require('net').createServer();s.listen(0,'127.0.0.1',()=>{console.log(s.address().port);s.close()})"
+}
+
+port_in_use() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+wait_for_port() {
+  local port=$1 what=$2 tries=0
+  until port_in_use "$port"; do
+    tries=$((tries + 1))
+    [[ $tries -gt 150 ]] && die "$what did not start listening on port $port (see the logs in $RUN_DIR)"
+    sleep 0.2
+  done
+}
+
+PIDS=()
+# Stops what this script started, last first (the host before the Azurite it talks to); a process that
+# has not exited after 10 seconds is killed.
+stop_started() {
+  local i pid tries
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    pid=${PIDS[$i]}
+    kill "$pid" 2>/dev/null || continue
+    tries=0
+    while kill -0 "$pid" 2>/dev/null && [[ $tries -lt 50 ]]; do sleep 0.2; tries=$((tries + 1)); done
+    kill -9 "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  PIDS=()
+}
+
+# start_azurite DATA_DIR [PREFERRED_FIRST_PORT]: the default ports 10000-10002 when free, else free ones.
+start_azurite() {
+  local data=$1 blob=${2:-10000} queue table
+  queue=$((blob + 1)) table=$((blob + 2))
+  if port_in_use "$blob" || port_in_use "$queue" || port_in_use "$table"; then
+    blob=$(free_port) queue=$(free_port) table=$(free_port)
+  fi
+  mkdir -p "$data" "$RUN_DIR"
+  "$ROOT/node_modules/.bin/azurite" --silent --skipApiVersionCheck --loose --location "$data" \
+    --blobHost 127.0.0.1 --blobPort "$blob" --queueHost 127.0.0.1 --queuePort "$queue" --tableHost 127.0.0.1 --tablePort "$table" \
+    >"$RUN_DIR/azurite.log" 2>&1 &
+  PIDS+=($!)
+  wait_for_port "$blob" Azurite; wait_for_port "$queue" Azurite; wait_for_port "$table" Azurite
+  local key="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+  export AzureWebJobsStorage="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=$key;BlobEndpoint=http://127.0.0.1:$blob/devstoreaccount1;QueueEndpoint=http://127.0.0.1:$queue/devstoreaccount1;TableEndpoint=http://127.0.0.1:$table/devstoreaccount1;"
+}
+
+# start_host: the function app in local host mode, logging to $RUN_DIR/host.log.
+start_host() {
+  local port
+  port=$(free_port)
+  (cd "$FUNCTION_APP" && exec dotnet Pipeline.Functions.dll --local --Pipeline:LocalHost:Port="$port" --Pipeline:LocalHost:AppRoot="$FUNCTION_APP") \
+    >"$RUN_DIR/host.log" 2>&1 &
+  PIDS+=($!)
+  wait_for_port "$port" "The local host"
+  HOST_PORT=$port
+}
+
+pipeline() { dotnet "$CLI" "$@"; }
