@@ -1,6 +1,5 @@
 using System.Buffers;
 using System.Diagnostics;
-using System.IO.Hashing;
 using System.Text.Encodings.Web;
 using System.Text.Json;
 using Pipeline.Messaging;
@@ -49,7 +48,7 @@ public sealed record IngestResult(
 public sealed class DatasetIngestor
 {
     private const int OutputChunkBytes = 1 << 20;
-    private const int MaxLabelsCounted = 1000;
+    private static readonly byte[] Newline = "\n"u8.ToArray();
 
     private readonly IngestionOptions _options;
 
@@ -120,7 +119,7 @@ public sealed class DatasetIngestor
                 else if (!DelimitedRecordParser.EndsInsideQuotes(pending.WrittenSpan))
                 {
                     state.Read++;
-                    await state.RecordAsync(delimited!.Parse(pending.WrittenSpan, pendingLine, state.Writer), delimited.LastLabel, pendingLine, cancellationToken);
+                    await state.RecordAsync(delimited!.Parse(pending.WrittenSpan, pendingLine, state.Writer), pendingLine, cancellationToken);
                     pending.Clear();
                 }
             }
@@ -136,7 +135,7 @@ public sealed class DatasetIngestor
             else if (jsonl is not null)
             {
                 state.Read++;
-                await state.RecordAsync(jsonl.Parse(line, reader.LineNumber, state.Writer), jsonl.LastLabel, reader.LineNumber, cancellationToken);
+                await state.RecordAsync(jsonl.Parse(line, reader.LineNumber, state.Writer), reader.LineNumber, cancellationToken);
             }
             else if (detected.Format == DataFormats.Csv && DelimitedRecordParser.EndsInsideQuotes(line))
             {
@@ -146,7 +145,7 @@ public sealed class DatasetIngestor
             else
             {
                 state.Read++;
-                await state.RecordAsync(delimited!.Parse(line, reader.LineNumber, state.Writer), delimited.LastLabel, reader.LineNumber, cancellationToken);
+                await state.RecordAsync(delimited!.Parse(line, reader.LineNumber, state.Writer), reader.LineNumber, cancellationToken);
             }
 
             if (progress is not null && clock.Elapsed - lastProgress >= _options.ProgressInterval)
@@ -174,7 +173,7 @@ public sealed class DatasetIngestor
         return new IngestResult(
             detected,
             jsonl?.LabelType ?? (detected.Columns?.Contains("label") == true ? "string" : null),
-            state.LabelCounts,
+            (jsonl?.Labels ?? delimited?.Labels)?.ToDictionary() ?? [],
             state.Counts(reader.BytesRead),
             state.DuplicatesExact,
             sha256,
@@ -218,11 +217,10 @@ public sealed class DatasetIngestor
         private readonly IngestSettings _settings;
         private readonly Stream _records;
         private readonly Stream _errors;
-        private readonly ArrayBufferWriter<byte> _record = new(4096);
         private readonly byte[] _recordsChunk = new byte[OutputChunkBytes];
         private readonly ArrayBufferWriter<byte> _errorsChunk = new(64 * 1024);
         private readonly Utf8JsonWriter _errorWriter;
-        private readonly HashSet<ulong> _seen = [];
+        private readonly DuplicateCounter _duplicates;
         private int _recordsLength;
 
         public State(IngestionOptions options, IngestSettings settings, Stream records, Stream errors)
@@ -231,21 +229,19 @@ public sealed class DatasetIngestor
             _settings = settings;
             _records = records;
             _errors = errors;
+            _duplicates = new DuplicateCounter(options.DuplicateTrackingLimit);
             var writerOptions = new JsonWriterOptions { Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping, SkipValidation = true };
-            Writer = new Utf8JsonWriter(_record, writerOptions);
             _errorWriter = new Utf8JsonWriter(_errorsChunk, writerOptions);
         }
 
-        public Utf8JsonWriter Writer { get; }
+        public CanonicalRecordWriter Writer { get; } = new();
         public long Lines;
         public long Read;
         public long Valid;
         public long Invalid;
-        public long Duplicates;
         public long BlankLines;
         public long HeaderRows;
-        public bool DuplicatesExact = true;
-        public readonly Dictionary<string, long> LabelCounts = [];
+        public bool DuplicatesExact => _duplicates.Exact;
         public readonly List<RecordError> FirstErrors = [];
 
         public IngestCounts Counts(long bytes) => new()
@@ -254,14 +250,14 @@ public sealed class DatasetIngestor
             Read = Read,
             Valid = Valid,
             Invalid = Invalid,
-            Duplicates = Duplicates,
+            Duplicates = _duplicates.Duplicates,
             BlankLines = BlankLines,
             HeaderRows = HeaderRows,
             Bytes = bytes,
         };
 
         /// <summary>Completes the record the parser wrote into <see cref="Writer"/>, or records its error.</summary>
-        public ValueTask RecordAsync(RecordError? error, string? label, long line, CancellationToken cancellationToken)
+        public ValueTask RecordAsync(RecordError? error, long line, CancellationToken cancellationToken)
         {
             if (error is not null)
             {
@@ -269,20 +265,11 @@ public sealed class DatasetIngestor
                 return InvalidAsync(error, cancellationToken);
             }
 
-            Writer.Flush();
-            CountDuplicate(_record.WrittenSpan);
+            _duplicates.Add(Writer.Written);
             Writer.WriteNumber("line"u8, line);
             Writer.WriteEndObject();
-            Writer.Flush();
             Valid++;
-            if (label is not null && (LabelCounts.Count < MaxLabelsCounted || LabelCounts.ContainsKey(label)))
-            {
-                LabelCounts[label] = LabelCounts.GetValueOrDefault(label) + 1;
-            }
-
-            var written = _record.WrittenSpan;
-            var task = AppendAsync(written, cancellationToken);
-            return task;
+            return AppendAsync(Writer.Written, cancellationToken);
         }
 
         public ValueTask DocumentAsync(ReadOnlySpan<byte> paragraph, long line, CancellationToken cancellationToken)
@@ -300,7 +287,7 @@ public sealed class DatasetIngestor
             ResetRecord();
             Writer.WriteStartObject();
             Writer.WriteString("text"u8, paragraph);
-            return RecordAsync(null, null, line, cancellationToken);
+            return RecordAsync(null, line, cancellationToken);
         }
 
         public async ValueTask InvalidAsync(RecordError error, CancellationToken cancellationToken)
@@ -323,28 +310,7 @@ public sealed class DatasetIngestor
             }
         }
 
-        private void CountDuplicate(ReadOnlySpan<byte> canonical)
-        {
-            var hash = XxHash3.HashToUInt64(canonical);
-            if (_seen.Contains(hash))
-            {
-                Duplicates++;
-            }
-            else if (_seen.Count < _options.DuplicateTrackingLimit)
-            {
-                _seen.Add(hash);
-            }
-            else
-            {
-                DuplicatesExact = false;
-            }
-        }
-
-        private void ResetRecord()
-        {
-            _record.Clear();
-            Writer.Reset(_record);
-        }
+        private void ResetRecord() => Writer.Reset();
 
         private ValueTask AppendAsync(ReadOnlySpan<byte> record, CancellationToken cancellationToken)
         {
@@ -364,8 +330,8 @@ public sealed class DatasetIngestor
         {
             await _records.WriteAsync(_recordsChunk.AsMemory(0, _recordsLength), cancellationToken);
             _recordsLength = 0;
-            await _records.WriteAsync(_record.WrittenMemory, cancellationToken);
-            await _records.WriteAsync("\n"u8.ToArray(), cancellationToken);
+            await _records.WriteAsync(Writer.Written.ToArray(), cancellationToken);
+            await _records.WriteAsync(Newline, cancellationToken);
             ResetRecord();
         }
 

@@ -29,7 +29,8 @@ internal sealed class DelimitedRecordParser
         _columnCount = roles.Length;
     }
 
-    public string? LastLabel { get; private set; }
+    /// <summary>Records per label.</summary>
+    public LabelCounter Labels { get; } = new(jsonEncoded: false);
 
     /// <summary>
     /// True when a CSV row ends inside a quoted field, so the record continues on the next line. A quote
@@ -80,9 +81,8 @@ internal sealed class DelimitedRecordParser
         return cells;
     }
 
-    public RecordError? Parse(ReadOnlySpan<byte> row, long lineNumber, Utf8JsonWriter writer)
+    public RecordError? Parse(ReadOnlySpan<byte> row, long lineNumber, CanonicalRecordWriter writer)
     {
-        LastLabel = null;
         if (!Utf8.IsValid(row))
         {
             return new RecordError(lineNumber, RecordErrorCodes.InvalidUtf8, $"invalid UTF-8 at byte {Utf8Text.FirstInvalidByte(row)} of the row");
@@ -112,7 +112,7 @@ internal sealed class DelimitedRecordParser
             }
 
             writer.WriteString("label"u8, label);
-            LastLabel = Encoding.UTF8.GetString(label);
+            Labels.Add(label);
         }
 
         if (_idColumn >= 0)

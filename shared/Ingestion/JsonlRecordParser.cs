@@ -30,15 +30,14 @@ internal sealed class JsonlRecordParser
     /// <summary>Type of the first label seen (<c>string</c>, <c>number</c>, <c>boolean</c>); later labels must match.</summary>
     public string? LabelType { get; private set; }
 
-    /// <summary>The label of the last valid record as text, or null.</summary>
-    public string? LastLabel { get; private set; }
+    /// <summary>Records per label.</summary>
+    public LabelCounter Labels { get; } = new(jsonEncoded: true);
 
     private readonly record struct Field(int NameStart, int NameLength, JsonTokenType Type, int ValueStart, int ValueEnd, bool Escaped);
 
     /// <summary>Writes the canonical record to <paramref name="writer"/>, or returns why it is invalid.</summary>
-    public RecordError? Parse(ReadOnlySpan<byte> line, long lineNumber, Utf8JsonWriter writer)
+    public RecordError? Parse(ReadOnlySpan<byte> line, long lineNumber, CanonicalRecordWriter writer)
     {
-        LastLabel = null;
         if (!Utf8.IsValid(line))
         {
             return new RecordError(lineNumber, RecordErrorCodes.InvalidUtf8, $"invalid UTF-8 at byte {Utf8Text.FirstInvalidByte(line)} of the line");
@@ -169,7 +168,7 @@ internal sealed class JsonlRecordParser
         return -1;
     }
 
-    private RecordError? WriteText(ReadOnlySpan<byte> line, long lineNumber, Utf8JsonWriter writer)
+    private RecordError? WriteText(ReadOnlySpan<byte> line, long lineNumber, CanonicalRecordWriter writer)
     {
         var textIndex = _anyTextAlias ? FindAny(line, TextAliases) : Find(line, _textName);
         if (textIndex < 0)
@@ -220,14 +219,14 @@ internal sealed class JsonlRecordParser
             var label = _fields[labelIndex];
             WriteRaw(writer, "label"u8, line, label);
             LabelType ??= labelType;
-            LastLabel = label.Type == JsonTokenType.String ? Unescape(line, label) : Encoding.UTF8.GetString(Raw(line, label));
+            Labels.Add(Raw(line, label));
         }
 
         WriteId(line, writer);
         return null;
     }
 
-    private RecordError? WritePromptCompletion(ReadOnlySpan<byte> line, long lineNumber, Utf8JsonWriter writer)
+    private RecordError? WritePromptCompletion(ReadOnlySpan<byte> line, long lineNumber, CanonicalRecordWriter writer)
     {
         var prompt = Find(line, "prompt"u8);
         var completion = Find(line, "completion"u8);
@@ -256,7 +255,7 @@ internal sealed class JsonlRecordParser
         return null;
     }
 
-    private RecordError? WriteChat(ReadOnlySpan<byte> line, long lineNumber, Utf8JsonWriter writer)
+    private RecordError? WriteChat(ReadOnlySpan<byte> line, long lineNumber, CanonicalRecordWriter writer)
     {
         var index = Find(line, "messages"u8);
         if (index < 0)
@@ -353,13 +352,13 @@ internal sealed class JsonlRecordParser
         {
             writer.WriteStartObject();
             writer.WritePropertyName("role"u8);
-            writer.WriteRawValue(line[role], skipInputValidation: true);
+            writer.WriteRawValue(line[role]);
             writer.WritePropertyName("content"u8);
-            writer.WriteRawValue(line[content], skipInputValidation: true);
+            writer.WriteRawValue(line[content]);
             if (name is { } n)
             {
                 writer.WritePropertyName("name"u8);
-                writer.WriteRawValue(line[n], skipInputValidation: true);
+                writer.WriteRawValue(line[n]);
             }
 
             writer.WriteEndObject();
@@ -383,7 +382,7 @@ internal sealed class JsonlRecordParser
         return false;
     }
 
-    private void WriteId(ReadOnlySpan<byte> line, Utf8JsonWriter writer)
+    private void WriteId(ReadOnlySpan<byte> line, CanonicalRecordWriter writer)
     {
         var id = FindAny(line, IdAliases);
         if (id >= 0 && _fields[id].Type is JsonTokenType.String or JsonTokenType.Number)
@@ -394,10 +393,10 @@ internal sealed class JsonlRecordParser
 
     private static ReadOnlySpan<byte> Raw(ReadOnlySpan<byte> line, Field field) => line[field.ValueStart..field.ValueEnd];
 
-    private static void WriteRaw(Utf8JsonWriter writer, ReadOnlySpan<byte> name, ReadOnlySpan<byte> line, Field field)
+    private static void WriteRaw(CanonicalRecordWriter writer, ReadOnlySpan<byte> name, ReadOnlySpan<byte> line, Field field)
     {
         writer.WritePropertyName(name);
-        writer.WriteRawValue(Raw(line, field), skipInputValidation: true);
+        writer.WriteRawValue(Raw(line, field));
     }
 
     private static string Name(ReadOnlySpan<byte> line, Field field) => Encoding.UTF8.GetString(line.Slice(field.NameStart, field.NameLength));
@@ -446,6 +445,12 @@ internal static class Utf8Text
     /// <summary>True when the UTF-8 text is empty or only white space.</summary>
     public static bool IsBlank(ReadOnlySpan<byte> utf8)
     {
+        // Fast path: text almost always starts with a visible ASCII character.
+        if (!utf8.IsEmpty && utf8[0] is > (byte)' ' and < 0x7F)
+        {
+            return false;
+        }
+
         while (!utf8.IsEmpty)
         {
             if (System.Text.Rune.DecodeFromUtf8(utf8, out var rune, out var consumed) != System.Buffers.OperationStatus.Done)

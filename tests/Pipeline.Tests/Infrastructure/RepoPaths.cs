@@ -3,7 +3,7 @@ namespace Pipeline.Tests.Infrastructure;
 /// <summary>Where the repository, its build outputs and the team's shared data are.</summary>
 public static class RepoPaths
 {
-    public static string Root { get; } = FindRoot();
+    public static string Root => Pipeline.Testing.AzuriteServer.RepoRoot;
 
     /// <summary>The build configuration the tests run under (Debug or Release).</summary>
     public static string Configuration { get; } = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Release{Path.DirectorySeparatorChar}") ? "Release" : "Debug";
@@ -25,16 +25,5 @@ public static class RepoPaths
     {
         var root = SharedData ?? throw new InvalidOperationException("../shared/data is not beside the project; these tests need the team's data folder (CI always has it).");
         return Path.Combine(root, relative);
-    }
-
-    private static string FindRoot()
-    {
-        var directory = new DirectoryInfo(AppContext.BaseDirectory);
-        while (directory is not null && !File.Exists(Path.Combine(directory.FullName, "Pipeline.sln")))
-        {
-            directory = directory.Parent;
-        }
-
-        return directory?.FullName ?? throw new InvalidOperationException("Pipeline.sln not found above the test folder.");
     }
 }
