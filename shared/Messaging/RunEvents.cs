@@ -25,7 +25,6 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger)
     public static class Types
     {
         public const string StageStarted = "pipeline.run.stage.started";
-        public const string StageProgress = "pipeline.run.stage.progress";
         public const string StageSucceeded = "pipeline.run.stage.succeeded";
         public const string RunFailed = "pipeline.run.failed";
         public const string StageRetrying = "pipeline.run.stage.retrying";
