@@ -16,7 +16,8 @@ builder.WebHost.UseUrls($"http://127.0.0.1:{port}");
 builder.Services
     .AddPipelineStorage(builder.Configuration)
     .AddPipelineRuns()
-    .AddIngestion(builder.Configuration);
+    .AddIngestion(builder.Configuration)
+    .AddPreprocessing(builder.Configuration);
 
 if (local)
 {

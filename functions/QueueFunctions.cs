@@ -2,6 +2,8 @@ using System.Text.Json;
 using Pipeline.Hosting;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
+using Pipeline.Preprocessing;
+using Pipeline.Storage;
 
 namespace Pipeline.Functions;
 
@@ -15,23 +17,29 @@ public static class QueueFunctions
 
     public static void MapQueueFunctions(this WebApplication app)
     {
-        app.MapQueueFunction("Ingest", Pipeline.Storage.StorageNames.Queues.BlobCreated,
+        app.MapQueueFunction("Ingest", StorageNames.Queues.BlobCreated,
             (services, message, invocation, ct) => services.GetRequiredService<IngestHandler>().HandleBlobCreatedAsync(message, invocation.GetDequeueCount(), ct));
-        app.MapQueueFunction("Commands", Pipeline.Storage.StorageNames.Queues.Commands,
+        app.MapQueueFunction("Commands", StorageNames.Queues.Commands,
             (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDequeueCount(), ct));
-        app.MapQueueFunction("IngestPoison", Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.BlobCreated),
-            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(Pipeline.Storage.StorageNames.Queues.BlobCreated, message, invocation.GetMetadataText("Id"), ct));
-        app.MapQueueFunction("CommandsPoison", Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.Commands),
-            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(Pipeline.Storage.StorageNames.Queues.Commands, message, invocation.GetMetadataText("Id"), ct));
+        app.MapQueueFunction("Preprocess", StorageNames.Queues.Preprocess,
+            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().PreprocessAsync(message, invocation.GetDequeueCount(), ct));
+        app.MapQueueFunction("IngestPoison", StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated),
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.BlobCreated, message, invocation.GetMetadataText("Id"), ct));
+        app.MapQueueFunction("CommandsPoison", StorageNames.Queues.Poison(StorageNames.Queues.Commands),
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.Commands, message, invocation.GetMetadataText("Id"), ct));
+        app.MapQueueFunction("PreprocessPoison", StorageNames.Queues.Poison(StorageNames.Queues.Preprocess),
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.Preprocess, message, invocation.GetMetadataText("Id"), ct));
     }
 
     /// <summary>The functions this app serves and the queue each one's function.json must name.</summary>
     public static readonly IReadOnlyDictionary<string, string> Triggers = new Dictionary<string, string>
     {
-        ["Ingest"] = Pipeline.Storage.StorageNames.Queues.BlobCreated,
-        ["Commands"] = Pipeline.Storage.StorageNames.Queues.Commands,
-        ["IngestPoison"] = Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.BlobCreated),
-        ["CommandsPoison"] = Pipeline.Storage.StorageNames.Queues.Poison(Pipeline.Storage.StorageNames.Queues.Commands),
+        ["Ingest"] = StorageNames.Queues.BlobCreated,
+        ["Commands"] = StorageNames.Queues.Commands,
+        ["IngestPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated),
+        ["CommandsPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.Commands),
+        ["Preprocess"] = StorageNames.Queues.Preprocess,
+        ["PreprocessPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.Preprocess),
     };
 
     private static void MapQueueFunction(this WebApplication app, string name, string queue, Func<IServiceProvider, string, InvocationRequest, CancellationToken, Task> handle)

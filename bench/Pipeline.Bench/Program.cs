@@ -137,7 +137,7 @@ static async Task StageAsync(StorageClients storage, string name, string etag, i
 {
     // A fresh run id each time, and no existing dataset, so every repetition does the whole work.
     var services = new ServiceCollection().AddLogging().AddSingleton(storage).AddSingleton<BlobCopier>()
-        .AddSingleton<RunStore>().AddSingleton<RunEvents>().AddSingleton<QueueSender>()
+        .AddSingleton<RunStore>().AddSingleton<RunEvents>().AddSingleton<RunTransitions>().AddSingleton<QueueSender>()
         .AddSingleton(Options.Create(new IngestionOptions())).AddSingleton<IngestHandler>()
         .BuildServiceProvider();
     var handler = services.GetRequiredService<IngestHandler>();

@@ -2,6 +2,7 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
+using Pipeline.Preprocessing;
 using Pipeline.Runs;
 using Pipeline.Storage;
 
@@ -20,6 +21,7 @@ public static class PipelineServices
     public static IServiceCollection AddPipelineRuns(this IServiceCollection services)
     {
         services.AddSingleton<RunStore>();
+        services.AddSingleton<RunTransitions>();
         services.AddSingleton<RunEvents>();
         services.AddSingleton<QueueSender>();
         services.AddSingleton<FailedMessages>();
@@ -31,6 +33,14 @@ public static class PipelineServices
     {
         services.Configure<IngestionOptions>(configuration.GetSection(IngestionOptions.Section));
         services.AddSingleton<IngestHandler>();
+        return services;
+    }
+
+    public static IServiceCollection AddPreprocessing(this IServiceCollection services, IConfiguration configuration)
+    {
+        services.Configure<PreprocessingOptions>(configuration.GetSection(PreprocessingOptions.Section));
+        services.AddSingleton<PreprocessHandler>();
+        services.AddSingleton<StageMessages>();
         return services;
     }
 }

@@ -23,6 +23,7 @@ public sealed class IngestHandler(
     StorageClients storage,
     RunStore runs,
     RunEvents events,
+    RunTransitions transitions,
     QueueSender sender,
     BlobCopier copier,
     IOptions<IngestionOptions> options,
@@ -114,16 +115,7 @@ public sealed class IngestHandler(
         }
 
         var clock = Stopwatch.StartNew();
-        run = await runs.UpdateAsync(run.RunId, r =>
-        {
-            r.Status = RunStatus.Running;
-            r.Stage = Stages.Ingest;
-            r.SetStage(Stages.Ingest, RunStatus.Running);
-            r.Attempt = dequeueCount;
-            r.StartedAt ??= DateTimeOffset.UtcNow;
-            return true;
-        }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+        await transitions.StartAsync(run.RunId, Stages.Ingest, dequeueCount, cancellationToken: cancellationToken);
 
         try
         {
@@ -138,13 +130,7 @@ public sealed class IngestHandler(
         {
             // Transient: record why, then let the host retry (and poison the message after maxDequeueCount).
             logger.LogWarning(e, "Ingestion of {Source} failed on attempt {Attempt}; the host will retry", source, dequeueCount);
-            run = await runs.UpdateAsync(request.RunId, r =>
-            {
-                r.LastError = Truncate($"{e.GetType().Name}: {e.Message}", 4000);
-                r.Attempt = dequeueCount;
-                return true;
-            }, CancellationToken.None);
-            await events.PublishAsync(RunEvents.Types.StageRetrying, run, CancellationToken.None);
+            await transitions.RetryingAsync(request.RunId, dequeueCount, e);
             throw;
         }
     }
@@ -343,25 +329,15 @@ public sealed class IngestHandler(
         await quarantine.GetBlobClient(reportPath).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(report, PipelineJson.Default.IngestReport)), overwrite: true, cancellationToken);
         await DeleteStagingAsync(request.RunId, cancellationToken);
 
-        var run = await runs.UpdateAsync(request.RunId, r =>
+        var run = await transitions.FailAsync(request.RunId, Stages.Ingest, code, message, clock.Elapsed, r =>
         {
-            r.Status = RunStatus.Failed;
-            r.Stage = Stages.Ingest;
-            r.SetStage(Stages.Ingest, RunStatus.Failed);
-            r.Error = message;
-            r.ErrorCode = code;
             r.ReportPath = $"{StorageNames.Containers.Quarantine}/{reportPath}";
             r.SetArtifact("quarantine", $"{StorageNames.Containers.Quarantine}/{folder}/");
             if (result is not null)
             {
                 r.SetCounts(result.Counts.ToDictionary());
             }
-
-            r.SetTiming(Stages.Ingest, clock.Elapsed);
-            r.EndedAt = DateTimeOffset.UtcNow;
-            return true;
         }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
         logger.LogWarning("Rejected {Source}: {Code}: {Message}", run.Source, code, message);
     }
 
@@ -373,8 +349,6 @@ public sealed class IngestHandler(
             await datasets.GetBlobClient(StagingPath(runId, file)).DeleteIfExistsAsync(cancellationToken: cancellationToken);
         }
     }
-
-    private static string Truncate(string text, int max) => text.Length <= max ? text : text[..max];
 }
 
 /// <summary>A message that can never succeed (malformed, or naming something that does not exist): recorded, never retried.</summary>

@@ -27,6 +27,7 @@ public static class MessageTypes
 {
     public const string Ingest = "ingest";
     public const string Preprocess = "preprocess";
+    public const string FineTune = "finetune";
 }
 
 /// <summary>Body of an <c>ingest</c> command: a blob already in the account, and optionally a run spec.</summary>

@@ -206,6 +206,26 @@ public sealed class TextTokenizer(Tokenizer tokenizer, int? prefix, int? suffix,
         return ids;
     }
 
+    /// <summary>
+    /// A prompt and its completion as one sequence (special tokens around the pair, end-of-text after the
+    /// completion for models without a closing token); returns the prompt's length in tokens, so a trainer
+    /// can leave the prompt out of the loss.
+    /// </summary>
+    public int EncodePair(string prompt, string completion, List<int> ids)
+    {
+        ids.Clear();
+        if (prefix is { } first)
+        {
+            ids.Add(first);
+        }
+
+        ids.AddRange(Inner.EncodeToIds(prompt));
+        var promptLength = ids.Count;
+        ids.AddRange(Inner.EncodeToIds(completion));
+        ids.Add(suffix ?? EndOfText);
+        return promptLength;
+    }
+
     /// <summary>Keeps at most <paramref name="max"/> ids, keeping the closing special token where there is one.</summary>
     public bool Truncate(List<int> ids, int max)
     {

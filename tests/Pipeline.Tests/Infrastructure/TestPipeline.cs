@@ -22,7 +22,7 @@ public sealed class TestPipeline : IDisposable
             .AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString })
             .Build();
         var services = new ServiceCollection().AddLogging();
-        services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration);
+        services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration);
         if (configure is not null)
         {
             services.PostConfigure(configure);
@@ -35,6 +35,8 @@ public sealed class TestPipeline : IDisposable
     public IngestHandler Ingest => _services.GetRequiredService<IngestHandler>();
     public CommandRouter Commands => _services.GetRequiredService<CommandRouter>();
     public RunStore Runs => _services.GetRequiredService<RunStore>();
+    public Pipeline.Preprocessing.PreprocessHandler Preprocess => _services.GetRequiredService<Pipeline.Preprocessing.PreprocessHandler>();
+    public StageMessages StageMessages => _services.GetRequiredService<StageMessages>();
 
     /// <summary>Uploads <paramref name="content"/> to incoming and returns the Event Grid event the subscription would deliver.</summary>
     public async Task<string> DropAsync(string name, byte[] content, string? spec = null)

@@ -1,0 +1,134 @@
+using System.Text.Json;
+using System.Text.Json.Serialization;
+using Pipeline.Runs;
+
+namespace Pipeline.Preprocessing;
+
+/// <summary>One shard file of token ids (JSON Lines, see the README's shard format).</summary>
+public sealed record ShardInfo(string Split, string Path, long Records, long Tokens, string Sha256);
+
+/// <summary>Records, tokens and labels of one split.</summary>
+public sealed record SplitStats
+{
+    public long Records { get; set; }
+    public long Tokens { get; set; }
+    public Dictionary<string, long> Labels { get; set; } = [];
+}
+
+/// <summary>Sequence lengths in tokens (after truncation).</summary>
+public sealed record LengthPercentiles(int P50, int P90, int P95, int P99, int Max, double Mean);
+
+/// <summary>A removed duplicate and the record it duplicates (source line numbers, text excerpts).</summary>
+public sealed record DuplicatePair(long KeptLine, long RemovedLine, double Similarity, string Kept, string Removed);
+
+/// <summary><c>stats.json</c>: everything a user needs to know before paying for a fine-tune.</summary>
+public sealed record PreparedStats
+{
+    public int SchemaVersion { get; set; } = 1;
+    public long RecordsRead { get; set; }
+    public SplitStats Train { get; set; } = new();
+    public SplitStats Validation { get; set; } = new();
+    public required LengthPercentiles Lengths { get; init; }
+    public long Truncated { get; set; }
+    public double TruncatedFraction { get; set; }
+    public long ExactDuplicatesRemoved { get; set; }
+    public long NearDuplicatesRemoved { get; set; }
+    public List<DuplicatePair> DuplicateSamples { get; set; } = [];
+    public Dictionary<string, long> Redactions { get; set; } = [];
+    /// <summary>Records ingestion found invalid (listed in the dataset's errors.jsonl), carried here.</summary>
+    public long IngestInvalidRecords { get; set; }
+    public int Epochs { get; set; }
+    public long EstimatedTrainingTokens { get; set; }
+    public double EstimatedCost { get; set; }
+    public double CostPerMillionTokens { get; set; }
+    /// <summary>Packed blocks written instead of records (when packing is on).</summary>
+    public long PackedBlocks { get; set; }
+}
+
+/// <summary>One check of the validation report.</summary>
+public sealed record ReportCheck(string Name, bool Passed, string Detail);
+
+/// <summary><c>report.json</c>: the checks the run's thresholds ask for; a fine-tune is dispatched only when all pass.</summary>
+public sealed record ValidationReport
+{
+    public int SchemaVersion { get; set; } = 1;
+    public required string PreparedId { get; init; }
+    public required bool Passed { get; init; }
+    public required List<ReportCheck> Checks { get; init; }
+    public required PreparedStats Stats { get; init; }
+    /// <summary>Where ingestion listed the records it refused.</summary>
+    public required string IngestErrors { get; init; }
+
+    public string Summary() => Passed
+        ? "All checks passed."
+        : string.Join(" ", Checks.Where(c => !c.Passed).Select(c => $"{c.Name}: {c.Detail}"));
+}
+
+/// <summary>
+/// <c>datasets/&lt;datasetId&gt;/prepared/&lt;preparedId&gt;/manifest.json</c>, written last: the commit
+/// of a prepared dataset. Trainers read the shards it lists.
+/// </summary>
+public sealed record PreparedManifest
+{
+    public int SchemaVersion { get; set; } = 1;
+    public required string PreparedId { get; init; }
+    public required string DatasetId { get; init; }
+    public required string RecordKind { get; init; }
+    /// <summary>Label names by id (index = id), or empty for unlabelled data.</summary>
+    public required List<string> Labels { get; init; }
+    public required TokenizerSpec Tokenizer { get; init; }
+    public required string TokenizerFingerprint { get; init; }
+    public required int PaddingId { get; init; }
+    public required int EndOfTextId { get; init; }
+    public required int MaxSequenceLength { get; init; }
+    public required bool Packed { get; init; }
+    public required List<ShardInfo> Shards { get; init; }
+    public required string Stats { get; init; }
+    public required string Report { get; init; }
+    public required bool ReportPassed { get; init; }
+    public required JsonElement Recipe { get; init; }
+    public required string RunId { get; init; }
+    public required DateTimeOffset CreatedAt { get; init; }
+    public required Dictionary<string, double> TimingsMs { get; init; }
+}
+
+/// <summary>Body of a <c>finetune</c> message: the prepared dataset and the run spec.</summary>
+public sealed record FineTuneRequest(string DatasetId, string PreparedId, string PreparedManifest, RunSpec? Spec = null);
+
+[JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
+[JsonSerializable(typeof(PreprocessRecipe))]
+[JsonSerializable(typeof(PreparedManifest))]
+[JsonSerializable(typeof(PreparedStats))]
+[JsonSerializable(typeof(ValidationReport))]
+[JsonSerializable(typeof(FineTuneRequest))]
+[JsonSerializable(typeof(CanonicalRecord))]
+public sealed partial class PreprocessJson : JsonSerializerContext;
+
+/// <summary>A record of a dataset's records.jsonl, any kind (see the ingestion contracts).</summary>
+public sealed record CanonicalRecord
+{
+    public string? Text { get; set; }
+    [JsonConverter(typeof(LabelAsStringConverter))]
+    public string? Label { get; set; }
+    public string? Prompt { get; set; }
+    public string? Completion { get; set; }
+    public List<ChatMessage>? Messages { get; set; }
+    public long Line { get; set; }
+}
+
+public sealed record ChatMessage(string Role, string Content, string? Name = null);
+
+/// <summary>Labels may be strings, numbers or booleans in records; they are names here.</summary>
+public sealed class LabelAsStringConverter : JsonConverter<string?>
+{
+    public override string? Read(ref Utf8JsonReader reader, Type typeToConvert, JsonSerializerOptions options) => reader.TokenType switch
+    {
+        JsonTokenType.String => reader.GetString(),
+        JsonTokenType.Number => System.Text.Encoding.UTF8.GetString(reader.ValueSpan),
+        JsonTokenType.True => "true",
+        JsonTokenType.False => "false",
+        _ => null,
+    };
+
+    public override void Write(Utf8JsonWriter writer, string? value, JsonSerializerOptions options) => writer.WriteStringValue(value);
+}

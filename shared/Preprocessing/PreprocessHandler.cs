@@ -1,0 +1,265 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Azure;
+using Azure.Storage.Blobs.Models;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Preprocessing;
+
+/// <summary>
+/// The preprocessing stage: a dataset and a recipe become
+/// <c>datasets/&lt;datasetId&gt;/prepared/&lt;preparedId&gt;/</c> (train and validation shards,
+/// <c>stats.json</c>, <c>report.json</c>, <c>manifest.json</c> last). A fine-tune is queued only when the
+/// run asks for one and the report passes its thresholds.
+/// </summary>
+public sealed class PreprocessHandler(
+    StorageClients storage,
+    RunStore runs,
+    RunEvents events,
+    RunTransitions transitions,
+    QueueSender sender,
+    IOptions<PreprocessingOptions> options,
+    IOptions<IngestionOptions> ingestionOptions,
+    ILogger<PreprocessHandler> logger)
+{
+    public static string Folder(string datasetId, string preparedId) => $"{datasetId}/prepared/{preparedId}/";
+
+    /// <summary>Handles a <c>preprocess</c> message (from ingestion, or a command).</summary>
+    public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
+    {
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = runId, ["DatasetId"] = request.DatasetId });
+        var run = await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"dataset:{request.DatasetId}", DatasetId = request.DatasetId, Stage = Stages.Preprocess }, cancellationToken);
+        var status = run.GetStages().GetValueOrDefault(Stages.Preprocess);
+        if (status == RunStatus.Succeeded || RunStatus.IsFinal(run.Status))
+        {
+            logger.LogInformation("Run {RunId} already preprocessed ({Status}); nothing to do", runId, run.Status);
+            return;
+        }
+
+        var clock = Stopwatch.StartNew();
+        await transitions.StartAsync(runId, Stages.Preprocess, dequeueCount, r => r.DatasetId = request.DatasetId, cancellationToken);
+
+        try
+        {
+            await PrepareAsync(request, runId, clock, cancellationToken);
+        }
+        catch (PreprocessingRejectedException e)
+        {
+            await transitions.FailAsync(runId, Stages.Preprocess, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken);
+        }
+        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
+        {
+            logger.LogWarning(e, "Preprocessing of {DatasetId} failed on attempt {Attempt}; the host will retry", request.DatasetId, dequeueCount);
+            await transitions.RetryingAsync(runId, dequeueCount, e);
+            throw;
+        }
+    }
+
+    private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
+    {
+        var datasets = storage.Container(StorageNames.Containers.Datasets);
+        var dataset = await ReadAsync(datasets, $"{request.DatasetId}/manifest.json", PipelineJson.Default.DatasetManifest, cancellationToken)
+            ?? throw new PreprocessingRejectedException(PreprocessErrorCodes.DatasetNotFound,
+                $"Dataset {request.DatasetId} has no manifest: it was never ingested, or its ingestion did not finish. Ingest the file first (drop it into incoming).");
+        var recipe = PreprocessRecipe.From(request.Spec?.Preprocess);
+        var tokenizer = await TokenizerSource.LoadAsync(storage, recipe.Tokenizer, cancellationToken);
+        var preparedId = "pp-" + RunIds.Hash($"{request.DatasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}", 24);
+        var folder = Folder(request.DatasetId, preparedId);
+
+        var manifest = await ReadAsync(datasets, folder + "manifest.json", PreprocessJson.Default.PreparedManifest, cancellationToken);
+        ValidationReport report;
+        if (manifest is null)
+        {
+            var download = await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync(cancellationToken: cancellationToken);
+            BuildResult build;
+            await using (var records = download.Value.Content)
+            {
+                var builder = new PreparedDatasetBuilder(recipe, tokenizer, options.Value);
+                var lastProgress = Stopwatch.StartNew();
+                build = await builder.BuildAsync(records, dataset, datasets, folder, async p =>
+                {
+                    if (lastProgress.Elapsed >= ingestionOptions.Value.ProgressInterval)
+                    {
+                        lastProgress.Restart();
+                        await runs.UpdateAsync(runId, r =>
+                        {
+                            r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens });
+                            return true;
+                        }, cancellationToken);
+                    }
+                }, cancellationToken);
+            }
+
+            if (build.Stats.Train.Records + build.Stats.Validation.Records == 0)
+            {
+                throw new PreprocessingRejectedException(PreprocessErrorCodes.NoRecordsLeft,
+                    $"No records are left after cleaning and deduplication ({build.Stats.RecordsRead} read). Check the recipe's dedup and normalize settings.");
+            }
+
+            report = Report(preparedId, build, recipe, dataset);
+            await WriteJsonAsync(datasets, folder + "stats.json", JsonSerializer.SerializeToUtf8Bytes(build.Stats, PreprocessJson.Default.PreparedStats), cancellationToken);
+            await WriteJsonAsync(datasets, folder + "report.json", JsonSerializer.SerializeToUtf8Bytes(report, PreprocessJson.Default.ValidationReport), cancellationToken);
+            var probe = tokenizer.Create();
+            manifest = new PreparedManifest
+            {
+                PreparedId = preparedId,
+                DatasetId = request.DatasetId,
+                RecordKind = dataset.RecordKind,
+                Labels = build.Labels,
+                Tokenizer = tokenizer.Spec,
+                TokenizerFingerprint = tokenizer.Fingerprint,
+                PaddingId = probe.Padding,
+                EndOfTextId = probe.EndOfText,
+                MaxSequenceLength = recipe.MaxSequenceLength,
+                Packed = build.Packed,
+                Shards = build.Shards,
+                Stats = $"{StorageNames.Containers.Datasets}/{folder}stats.json",
+                Report = $"{StorageNames.Containers.Datasets}/{folder}report.json",
+                ReportPassed = report.Passed,
+                Recipe = JsonDocument.Parse(recipe.Canonical()).RootElement.Clone(),
+                RunId = runId,
+                CreatedAt = DateTimeOffset.UtcNow,
+                TimingsMs = new() { ["preprocess"] = Math.Round(clock.Elapsed.TotalMilliseconds, 1) },
+            };
+            if (!await WriteOnceAsync(datasets, folder + "manifest.json", JsonSerializer.SerializeToUtf8Bytes(manifest, PreprocessJson.Default.PreparedManifest), cancellationToken))
+            {
+                manifest = (await ReadAsync(datasets, folder + "manifest.json", PreprocessJson.Default.PreparedManifest, cancellationToken))!;
+            }
+        }
+        else
+        {
+            report = (await ReadAsync(datasets, folder + "report.json", PreprocessJson.Default.ValidationReport, cancellationToken))!;
+        }
+
+        var wantsFineTune = request.Spec?.FineTune is { ValueKind: JsonValueKind.Object };
+        var stats = report.Stats;
+        void Record(RunRecord r)
+        {
+            r.SetStage(Stages.Preprocess, RunStatus.Succeeded);
+            r.SetCounts(new Dictionary<string, long>
+            {
+                ["trainRecords"] = stats.Train.Records,
+                ["validationRecords"] = stats.Validation.Records,
+                ["trainTokens"] = stats.Train.Tokens,
+                ["validationTokens"] = stats.Validation.Tokens,
+                ["truncated"] = stats.Truncated,
+                ["duplicatesRemoved"] = stats.ExactDuplicatesRemoved + stats.NearDuplicatesRemoved,
+                ["redactions"] = stats.Redactions.Values.Sum(),
+                ["estimatedTrainingTokens"] = stats.EstimatedTrainingTokens,
+            });
+            r.SetArtifact("prepared", $"{StorageNames.Containers.Datasets}/{folder}");
+            r.SetArtifact("preparedManifest", $"{StorageNames.Containers.Datasets}/{folder}manifest.json");
+            r.SetArtifact("stats", manifest.Stats);
+            r.SetArtifact("report", manifest.Report);
+            r.SetTiming(Stages.Preprocess, clock.Elapsed);
+            r.LastError = null;
+        }
+
+        if (wantsFineTune && !report.Passed)
+        {
+            await runs.UpdateAsync(runId, r =>
+            {
+                Record(r);
+                return true;
+            }, cancellationToken);
+            await transitions.FailAsync(runId, Stages.Preprocess, PreprocessErrorCodes.ValidationReportFailed,
+                $"The validation report did not pass, so no fine-tune was started: {report.Summary()} See {manifest.Report}.", clock.Elapsed,
+                r => r.ReportPath = manifest.Report, cancellationToken);
+            return;
+        }
+
+        if (wantsFineTune)
+        {
+            await sender.SendAsync(StorageNames.Queues.FineTune, MessageTypes.FineTune, runId,
+                new FineTuneRequest(request.DatasetId, preparedId, $"{StorageNames.Containers.Datasets}/{folder}manifest.json", request.Spec),
+                PreprocessJson.Default.FineTuneRequest, cancellationToken: cancellationToken);
+        }
+
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            Record(r);
+            if (wantsFineTune)
+            {
+                r.Stage = Stages.FineTune;
+                r.SetStage(Stages.FineTune, RunStatus.Queued);
+            }
+            else
+            {
+                r.Status = RunStatus.Succeeded;
+                r.EndedAt = DateTimeOffset.UtcNow;
+            }
+
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
+        logger.LogInformation("Prepared {PreparedId}: {Train} train / {Validation} validation records, {Tokens} tokens; report {Report}",
+            preparedId, stats.Train.Records, stats.Validation.Records, stats.Train.Tokens + stats.Validation.Tokens, report.Passed ? "passed" : "did not pass");
+    }
+
+    private static ValidationReport Report(string preparedId, BuildResult build, PreprocessRecipe recipe, DatasetManifest dataset)
+    {
+        var stats = build.Stats;
+        var thresholds = recipe.Thresholds;
+        var checks = new List<ReportCheck>
+        {
+            new("minTrainRecords", stats.Train.Records >= thresholds.MinTrainRecords,
+                $"{stats.Train.Records} training records (at least {thresholds.MinTrainRecords} required)"),
+            new("maxTruncatedFraction", stats.TruncatedFraction <= thresholds.MaxTruncatedFraction,
+                $"{stats.TruncatedFraction:P1} of records truncated to {recipe.MaxSequenceLength} tokens (at most {thresholds.MaxTruncatedFraction:P1} allowed)"),
+        };
+        foreach (var label in build.Labels)
+        {
+            var count = stats.Train.Labels.GetValueOrDefault(label);
+            checks.Add(new ReportCheck($"minExamplesPerLabel[{label}]", count >= thresholds.MinExamplesPerLabel,
+                $"label '{label}' has {count} training examples (at least {thresholds.MinExamplesPerLabel} required)"));
+        }
+
+        return new ValidationReport
+        {
+            PreparedId = preparedId,
+            Passed = checks.All(c => c.Passed),
+            Checks = checks,
+            Stats = stats,
+            IngestErrors = $"{StorageNames.Containers.Datasets}/{dataset.Errors}",
+        };
+    }
+
+    private static async Task<T?> ReadAsync<T>(Azure.Storage.Blobs.BlobContainerClient container, string path, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> type, CancellationToken cancellationToken)
+        where T : class
+    {
+        try
+        {
+            var content = await container.GetBlobClient(path).DownloadContentAsync(cancellationToken);
+            return JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, type);
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            return null;
+        }
+    }
+
+    private static Task WriteJsonAsync(Azure.Storage.Blobs.BlobContainerClient container, string path, byte[] json, CancellationToken cancellationToken) =>
+        container.GetBlobClient(path).UploadAsync(new BinaryData(json), new BlobUploadOptions { HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" } }, cancellationToken);
+
+    private static async Task<bool> WriteOnceAsync(Azure.Storage.Blobs.BlobContainerClient container, string path, byte[] json, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await container.GetBlobClient(path).UploadAsync(new BinaryData(json), new BlobUploadOptions
+            {
+                Conditions = new BlobRequestConditions { IfNoneMatch = ETag.All },
+                HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" },
+            }, cancellationToken);
+            return true;
+        }
+        catch (RequestFailedException e) when (e.Status is 409 or 412)
+        {
+            return false;
+        }
+    }
+}

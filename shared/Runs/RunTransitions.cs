@@ -1,0 +1,61 @@
+using Pipeline.Messaging;
+
+namespace Pipeline.Runs;
+
+/// <summary>The run transitions every stage makes, each saved and published as a CloudEvent.</summary>
+public sealed class RunTransitions(RunStore runs, RunEvents events)
+{
+    /// <summary>The stage starts (or restarts on a redelivery).</summary>
+    public async Task<RunRecord> StartAsync(string runId, string stage, int attempt, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
+    {
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            r.Status = RunStatus.Running;
+            r.Stage = stage;
+            r.SetStage(stage, RunStatus.Running);
+            r.Attempt = attempt;
+            r.StartedAt ??= DateTimeOffset.UtcNow;
+            also?.Invoke(r);
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+        return run;
+    }
+
+    /// <summary>A transient failure: kept on the run so that, if the message is poisoned, the run says why.</summary>
+    public async Task RetryingAsync(string runId, int attempt, Exception error)
+    {
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            r.LastError = Describe(error);
+            r.Attempt = attempt;
+            return true;
+        }, CancellationToken.None);
+        await events.PublishAsync(RunEvents.Types.StageRetrying, run, CancellationToken.None);
+    }
+
+    /// <summary>A permanent failure: the run ends with a user-facing reason and a machine-readable code.</summary>
+    public async Task<RunRecord> FailAsync(string runId, string stage, string code, string message, TimeSpan elapsed, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
+    {
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            r.Status = RunStatus.Failed;
+            r.Stage = stage;
+            r.SetStage(stage, RunStatus.Failed);
+            r.Error = message;
+            r.ErrorCode = code;
+            r.SetTiming(stage, elapsed);
+            r.EndedAt = DateTimeOffset.UtcNow;
+            also?.Invoke(r);
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
+        return run;
+    }
+
+    public static string Describe(Exception error)
+    {
+        var text = $"{error.GetType().Name}: {error.Message}";
+        return text.Length <= 4000 ? text : text[..4000];
+    }
+}
