@@ -13,7 +13,7 @@ public static class RunsCommands
     {
         var runId = new Argument<string>("runId") { Description = "The run id (printed by submit)." };
         var wait = new Option<bool>("--wait") { Description = "Follow the run until it ends (or reaches --until)." };
-        var until = new Option<string>("--until") { Description = "With --wait: stop once this stage has ended.", DefaultValueFactory = _ => Stages.Ingest };
+        var until = new Option<string?>("--until") { Description = "With --wait: stop once this stage has ended (default: wait until the run ends)." };
         var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds before giving up (exit code 4).", DefaultValueFactory = _ => 600 };
         var command = new Command("status", "Show where a run stands: status, stage, counts, artifacts, timings and errors.") { runId, wait, until, timeout };
         command.SetAction(async (parse, ct) =>
@@ -22,7 +22,7 @@ public static class RunsCommands
             var id = parse.GetValue(runId)!;
             if (parse.GetValue(wait))
             {
-                return await WaitAsync(parse, runs, id, parse.GetValue(until)!, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+                return await WaitAsync(parse, runs, id, parse.GetValue(until), TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
             }
 
             var run = await runs.GetAsync(id, ct);
@@ -31,7 +31,7 @@ public static class RunsCommands
                 return CliOptions.Fail($"No run {id}. List runs with: pipeline runs", CliOptions.ExitCodes.NotFound);
             }
 
-            Print(parse, run);
+            await PrintAsync(parse, runs, run, ct);
             return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
         });
         return command;
@@ -90,7 +90,7 @@ public static class RunsCommands
     }
 
     /// <summary>Polls the run until it is final or <paramref name="until"/> has ended, then prints the summary.</summary>
-    public static async Task<int> WaitAsync(ParseResult parse, RunStore runs, string runId, string until, TimeSpan timeout, CancellationToken cancellationToken)
+    public static async Task<int> WaitAsync(ParseResult parse, RunStore runs, string runId, string? until, TimeSpan timeout, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
         RunRecord? run = null;
@@ -100,14 +100,17 @@ public static class RunsCommands
             run = await runs.GetAsync(runId, cancellationToken);
             if (run is not null)
             {
-                var stageStatus = run.GetStages().GetValueOrDefault(until);
+                var stageStatus = until is null ? null : run.GetStages().GetValueOrDefault(until);
                 if (RunStatus.IsFinal(run.Status) || stageStatus is RunStatus.Succeeded or RunStatus.Failed)
                 {
-                    Print(parse, run);
+                    await PrintAsync(parse, runs, run, cancellationToken);
                     return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
                 }
 
-                var line = $"{run.Stage}: {run.Status}, {run.GetCounts().GetValueOrDefault("read"):N0} records read";
+                var counts = run.GetCounts();
+                var line = run.Stage == Stages.Preprocess && counts.TryGetValue("preprocessRecords", out var prepared)
+                    ? $"{run.Stage}: {run.Status}, {prepared:N0} records tokenized, {counts.GetValueOrDefault("preprocessTokens"):N0} tokens"
+                    : $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read";
                 if (!CliOptions.Json(parse) && line != lastLine)
                 {
                     AnsiConsole.MarkupLineInterpolated($"[grey]{clock.Elapsed:mm\\:ss}[/] {line}");
@@ -120,13 +123,13 @@ public static class RunsCommands
 
         if (run is not null)
         {
-            Print(parse, run);
+            await PrintAsync(parse, runs, run, cancellationToken);
         }
 
-        return CliOptions.Fail($"Run {runId} did not reach the end of '{until}' within {timeout.TotalSeconds:N0} s. Check it later with: pipeline status {runId}", CliOptions.ExitCodes.TimedOut);
+        return CliOptions.Fail($"Run {runId} did not reach the end of '{until ?? "the run"}' within {timeout.TotalSeconds:N0} s. Check it later with: pipeline status {runId}", CliOptions.ExitCodes.TimedOut);
     }
 
-    public static void Print(ParseResult parse, RunRecord run)
+    public static async Task PrintAsync(ParseResult parse, RunStore runs, RunRecord run, CancellationToken cancellationToken)
     {
         if (CliOptions.Json(parse))
         {
@@ -134,6 +137,7 @@ public static class RunsCommands
             return;
         }
 
+        var stats = run.GetArtifacts().TryGetValue("stats", out var statsPath) ? await runs.ReadStatsAsync(statsPath, cancellationToken) : null;
         var color = run.Status switch { RunStatus.Failed => "red", RunStatus.Succeeded => "green", _ => "yellow" };
         var grid = new Grid().AddColumn().AddColumn();
         grid.AddRow("[bold]Run[/]", run.RunId);
@@ -146,6 +150,19 @@ public static class RunsCommands
         }
 
         grid.AddRow("[bold]Counts[/]", Markup.Escape(string.Join(", ", run.GetCounts().Select(c => $"{c.Key} {c.Value:N0}"))));
+        if (stats is not null)
+        {
+            grid.AddRow("[bold]Tokens[/]", Markup.Escape(
+                $"train {stats.Train.Tokens:N0} in {stats.Train.Records:N0} records, validation {stats.Validation.Tokens:N0} in {stats.Validation.Records:N0}; " +
+                $"length p50 {stats.Lengths.P50}, p95 {stats.Lengths.P95}, max {stats.Lengths.Max}; truncated {stats.Truncated:N0}; " +
+                $"duplicates removed {stats.ExactDuplicatesRemoved + stats.NearDuplicatesRemoved:N0}; " +
+                $"{stats.Epochs} epochs = {stats.EstimatedTrainingTokens:N0} training tokens (~{stats.EstimatedCost:N2} at {stats.CostPerMillionTokens:N2} per million)"));
+            if (stats.Train.Labels.Count > 0)
+            {
+                grid.AddRow("[bold]Labels[/]", Markup.Escape(string.Join(", ", stats.Train.Labels.OrderBy(l => l.Key, StringComparer.Ordinal).Select(l => $"{l.Key}: {l.Value:N0} train / {stats.Validation.Labels.GetValueOrDefault(l.Key):N0} validation"))));
+            }
+        }
+
         grid.AddRow("[bold]Timings[/]", Markup.Escape(string.Join(", ", run.GetTimings().Select(t => $"{t.Key} {t.Value / 1000:N2} s"))));
         foreach (var (name, path) in run.GetArtifacts())
         {

@@ -15,11 +15,7 @@ public static class SubmitCommand
         var spec = new Option<FileInfo?>("--spec") { Description = "A run spec (JSON) uploaded beside the file as <name>.pipeline.json." };
         var name = new Option<string?>("--name") { Description = "Blob name in the incoming container (default: the file name)." };
         var wait = new Option<bool>("--wait") { Description = "Follow the run until it ends (or reaches --until) and print its summary." };
-        var until = new Option<string>("--until")
-        {
-            Description = "With --wait: stop waiting once this stage has ended. Default: ingest.",
-            DefaultValueFactory = _ => Stages.Ingest,
-        };
+        var until = new Option<string?>("--until") { Description = "With --wait: stop waiting once this stage has ended (default: wait until the run ends)." };
         var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds to wait before giving up (exit code 4).", DefaultValueFactory = _ => 600 };
         var command = new Command("submit", "Upload a data file into the incoming container and print its run id.") { file, spec, name, wait, until, timeout };
         command.SetAction(async (parse, ct) =>
@@ -76,7 +72,7 @@ public static class SubmitCommand
                 Spectre.Console.AnsiConsole.MarkupLineInterpolated($"Uploaded [bold]{StorageNames.Containers.Incoming}/{blobName}[/]: run [bold]{runId}[/]");
             }
 
-            return await RunsCommands.WaitAsync(parse, new RunStore(storage), runId, parse.GetValue(until)!, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+            return await RunsCommands.WaitAsync(parse, new RunStore(storage), runId, parse.GetValue(until), TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
         });
         return command;
     }

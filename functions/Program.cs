@@ -4,6 +4,11 @@ using Pipeline.Hosting;
 // One executable, two roles: the custom handler the Functions host starts (FUNCTIONS_CUSTOMHANDLER_PORT),
 // and with --local, also the host itself for our bindings (queue triggers, blob-created events) on any storage account.
 var local = args.Contains("--local");
+
+// Stages tokenize in Parallel.For (blocking pool threads) while their uploads complete on pool threads:
+// start with enough threads that the two never wait on the pool's slow thread injection.
+ThreadPool.GetMinThreads(out var minWorkers, out var minIo);
+ThreadPool.SetMinThreads(Math.Max(minWorkers, Environment.ProcessorCount * 4), minIo);
 var builder = WebApplication.CreateBuilder(args.Where(a => a != "--local").ToArray());
 var localOptions = builder.Configuration.GetSection(LocalHostOptions.Section).Get<LocalHostOptions>() ?? new LocalHostOptions();
 builder.Configuration.AddHostJson(localOptions.AppRoot);

@@ -1,159 +1,27 @@
-using System.Buffers;
-using System.Diagnostics;
-using System.Text;
-using Azure.Storage.Blobs.Models;
-using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Options;
 using Pipeline.Bench;
-using Pipeline.Ingestion;
-using Pipeline.Messaging;
-using Pipeline.Runs;
-using Pipeline.Storage;
-using Pipeline.Testing;
 
-// Ingestion throughput and peak memory against the read-only limit, in one process, on one core.
-//   dotnet run -c Release --project bench/Pipeline.Bench -- [sizeMB ...]     (default: 64 256)
-var sizes = args.Length > 0 ? args.Select(int.Parse).ToArray() : [64, 256];
-
-using var azurite = new AzuriteServer();
-await azurite.StartAsync();
-// Azurite on the second core, this process on the first: "one core" for the code under test.
-if (OperatingSystem.IsLinux() && Environment.ProcessorCount >= 2)
+// dotnet run -c Release --project bench/Pipeline.Bench -- ingest [sizeMB ...]        (default: 64 256)
+// dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
+// dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
+// Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
+ThreadPool.GetMinThreads(out var workers, out var io);
+ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
+var mode = args.Length > 0 ? args[0] : "ingest";
+var numbers = args.Skip(1).Select(int.Parse).ToArray();
+switch (mode)
 {
-    azurite.Process.ProcessorAffinity = 2;
-    Process.GetCurrentProcess().ProcessorAffinity = 1;
-}
-var storage = azurite.Storage;
-var incoming = storage.Container(StorageNames.Containers.Incoming);
-
-// Warm-up: let the JIT tier the hot paths up (on one core this takes a few seconds of work), as a
-// long-running host would have done before its second file.
-{
-    var warm = "warm-up.jsonl";
-    var warmBytes = await UploadAsync(incoming.GetBlobClient(warm), 16);
-    var warmEtag = (await incoming.GetBlobClient(warm).GetPropertiesAsync()).Value.ETag.ToString().Trim('"');
-    for (var i = 0; i < 8; i++)
-    {
-        await ReadOnlyAsync(incoming, warm);
-        await CoreOnlyAsync(incoming, warm, warmBytes);
-        await StageAsync(storage, warm, warmEtag, -i);
-    }
+    case "ingest":
+        await IngestionBench.RunAsync(numbers.Length > 0 ? numbers : [64, 256]);
+        break;
+    case "preprocess":
+        await PreprocessingBench.RunAsync(numbers.Length > 0 ? numbers[0] : 200_000);
+        break;
+    case "neardup":
+        NearDuplicateBench.Run(numbers.Length > 0 ? numbers : [10_000, 100_000, 1_000_000]);
+        break;
+    default:
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup [numbers]");
+        return 2;
 }
 
-Console.WriteLine($"Ingestion benchmark: {Environment.ProcessorCount} logical cores visible, pinned to core 0; Azurite pinned to core 1.");
-Console.WriteLine();
-Console.WriteLine("| File | Phase | MB/s (best of 3) | ratio to read-only | peak working set |");
-Console.WriteLine("| --- | --- | --- | --- | --- |");
-foreach (var sizeMb in sizes)
-{
-    var name = $"bench-{sizeMb}mb.jsonl";
-    var bytes = await UploadAsync(incoming.GetBlobClient(name), sizeMb);
-    var etag = (await incoming.GetBlobClient(name).GetPropertiesAsync()).Value.ETag.ToString().Trim('"');
-
-    var read = await Measure.BestOfAsync(3, () => ReadOnlyAsync(incoming, name));
-    Row(sizeMb, "read blob, no processing (limit)", bytes, read, read);
-
-    var copy = await Measure.BestOfAsync(3, () => ReadAndWriteAsync(storage, name));
-    Row(sizeMb, "read blob + write it to a new blob, no processing (I/O limit of the stage)", bytes, copy, read);
-
-    var core = await Measure.BestOfAsync(3, () => CoreOnlyAsync(incoming, name, bytes));
-    Row(sizeMb, "parse + validate + write, outputs discarded", bytes, core, read);
-
-    var attempt = 0;
-    var stage = await Measure.BestOfAsync(3, () => StageAsync(storage, name, etag, ++attempt));
-    Row(sizeMb, "full ingestion stage (staging, copy, manifest)", bytes, stage, read);
-}
-
-static void Row(int sizeMb, string phase, long bytes, Measure.Result result, Measure.Result baseline) =>
-    Console.WriteLine($"| {sizeMb} MB | {phase} | {bytes / result.Seconds / 1e6:N1} | {baseline.Seconds / result.Seconds:P0} | {result.PeakBytes / 1e6:N0} MB |");
-
-static async Task<long> UploadAsync(Azure.Storage.Blobs.BlobClient blob, int sizeMb)
-{
-    var random = new Random(42);
-    string[] words = ["the", "service", "was", "slow", "but", "food", "great", "never", "again", "loved", "this", "place", "and", "staff", "friendly", "cold", "soup"];
-    var path = Path.Combine(Path.GetTempPath(), $"pipeline-bench-{sizeMb}.jsonl");
-    long written = 0;
-    await using (var file = new StreamWriter(path, false, new UTF8Encoding(false), 1 << 20))
-    {
-        var line = new StringBuilder();
-        for (var i = 0; written < sizeMb * 1_000_000L; i++)
-        {
-            line.Clear().Append("{\"custom_id\":\"r").Append(i).Append("\",\"text\":\"");
-            var count = 6 + random.Next(14);
-            for (var w = 0; w < count; w++)
-            {
-                line.Append(w == 0 ? "" : " ").Append(words[random.Next(words.Length)]);
-            }
-
-            line.Append(i % 97 == 0 ? " \\\"quoted\\\" caf\u00e9" : "").Append("\",\"label\":").Append(i % 2).Append("}\n");
-            await file.WriteAsync(line);
-            written += Encoding.UTF8.GetByteCount(line.ToString());
-        }
-    }
-
-    await using (var stream = File.OpenRead(path))
-    {
-        await blob.UploadAsync(stream, new BlobUploadOptions { TransferOptions = new Azure.Storage.StorageTransferOptions { MaximumTransferSize = 8 << 20 } });
-    }
-
-    File.Delete(path);
-    return written;
-}
-
-static async Task ReadOnlyAsync(Azure.Storage.Blobs.BlobContainerClient container, string name)
-{
-    var download = await container.GetBlobClient(name).DownloadStreamingAsync();
-    await using var stream = download.Value.Content;
-    var buffer = ArrayPool<byte>.Shared.Rent(1 << 20);
-    while (await stream.ReadAsync(buffer) > 0)
-    {
-    }
-
-    ArrayPool<byte>.Shared.Return(buffer);
-}
-
-static async Task ReadAndWriteAsync(StorageClients storage, string name)
-{
-    var download = await storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name).DownloadStreamingAsync();
-    await using var source = download.Value.Content;
-    var target = storage.Container(StorageNames.Containers.Datasets).GetBlobClient($"bench-copy/{name}");
-    await using (var destination = await target.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = new IngestionOptions().UploadBlockBytes }))
-    {
-        await source.CopyToAsync(destination, 1 << 20);
-    }
-
-    await target.DeleteAsync();
-}
-
-static async Task CoreOnlyAsync(Azure.Storage.Blobs.BlobContainerClient container, string name, long length)
-{
-    var download = await container.GetBlobClient(name).DownloadStreamingAsync();
-    await using var stream = download.Value.Content;
-    var options = new IngestionOptions();
-    await new DatasetIngestor(options).RunAsync(stream, name, length, options.Resolve(null), Stream.Null, Stream.Null, null, CancellationToken.None);
-}
-
-static async Task StageAsync(StorageClients storage, string name, string etag, int attempt)
-{
-    // A fresh run id each time, and no existing dataset, so every repetition does the whole work.
-    var services = new ServiceCollection().AddLogging().AddSingleton(storage).AddSingleton<BlobCopier>()
-        .AddSingleton<RunStore>().AddSingleton<RunEvents>().AddSingleton<RunTransitions>().AddSingleton<QueueSender>()
-        .AddSingleton(Options.Create(new IngestionOptions())).AddSingleton<IngestHandler>()
-        .BuildServiceProvider();
-    var handler = services.GetRequiredService<IngestHandler>();
-    var runId = $"bench-{attempt}-{Guid.NewGuid():n}";
-    await handler.IngestAsync(new IngestRequest(StorageNames.Containers.Incoming, name, etag, runId, null), 1, CancellationToken.None);
-    var run = await services.GetRequiredService<RunStore>().GetAsync(runId);
-    if (run?.DatasetId is not { } datasetId)
-    {
-        throw new InvalidOperationException($"Ingestion failed: {run?.Error}");
-    }
-
-    // Remove the dataset so the next repetition is not a cache hit.
-    var datasets = storage.Container(StorageNames.Containers.Datasets);
-    await foreach (var blob in datasets.GetBlobsAsync(BlobTraits.None, BlobStates.None, datasetId + "/", default))
-    {
-        await datasets.DeleteBlobAsync(blob.Name);
-    }
-
-}
+return 0;

@@ -23,6 +23,13 @@ public readonly record struct BuildProgress(long Records, long Tokens);
 public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSource tokenizers, PreprocessingOptions options)
 {
     private const int ExcerptChars = 120;
+    private static readonly ThreadLocal<List<int>> WorkerIds = new(() => new List<int>(256));
+
+    private sealed class Batch(int size)
+    {
+        public readonly List<(byte[] Bytes, long Line)> Lines = new(size);
+        public readonly Processed[] Results = [.. Enumerable.Range(0, size).Select(_ => new Processed())];
+    }
 
     private sealed class Processed
     {
@@ -32,7 +39,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         public bool Truncated;
         public ulong Key;
         public uint[]? Signature;
-        public string? Excerpt;
+        public string? Text;
         public long Line;
         public long Emails, Phones, IpAddresses;
     }
@@ -62,20 +69,20 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         await using var train = new ShardWriter(output, folder, "train", recipe.ShardRecords, options.UploadBlockBytes);
         await using var validation = new ShardWriter(output, folder, "validation", recipe.ShardRecords, options.UploadBlockBytes);
         var packBuffers = new[] { new List<int>(), new List<int>() };
+        var endOfText = tokenizers.Create().EndOfText;
 
         using var reader = new LineReader(records, int.MaxValue / 4);
-        var batch = new List<(byte[] Bytes, long Line)>(options.BatchRecords);
-        var results = new Processed[options.BatchRecords];
-        for (var i = 0; i < results.Length; i++)
-        {
-            results[i] = new Processed();
-        }
-
+        // Two batches in flight: while one is committed in record order (dedup, split, shard writes), the
+        // next is read and tokenized in parallel.
+        var batches = new[] { new Batch(options.BatchRecords), new Batch(options.BatchRecords) };
+        var current = 0;
+        var commit = Task.CompletedTask;
         var done = false;
         while (!done)
         {
-            batch.Clear();
-            while (batch.Count < options.BatchRecords)
+            var batch = batches[current];
+            batch.Lines.Clear();
+            while (batch.Lines.Count < options.BatchRecords)
             {
                 if (!await reader.ReadLineAsync(cancellationToken))
                 {
@@ -85,16 +92,25 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
                 if (!reader.Line.IsEmpty)
                 {
-                    batch.Add((reader.Line.ToArray(), reader.LineNumber));
+                    batch.Lines.Add((reader.Line.ToArray(), reader.LineNumber));
                 }
             }
 
-            Parallel.For(0, batch.Count, new ParallelOptions { MaxDegreeOfParallelism = options.EffectiveParallelism, CancellationToken = cancellationToken },
-                i => Process(batch[i].Bytes, results[i], workerTokenizers.Value!, cleaner, labelIds, near, packed));
+            Parallel.For(0, batch.Lines.Count, new ParallelOptions { MaxDegreeOfParallelism = options.EffectiveParallelism, CancellationToken = cancellationToken },
+                i => Process(batch.Lines[i].Bytes, batch.Results[i], workerTokenizers.Value!, cleaner, labelIds, near, packed));
 
-            for (var i = 0; i < batch.Count; i++)
+            await commit;
+            commit = Task.Run(() => CommitAsync(batch), cancellationToken);
+            current ^= 1;
+        }
+
+        await commit;
+
+        async Task CommitAsync(Batch batch)
+        {
+            for (var i = 0; i < batch.Lines.Count; i++)
             {
-                var record = results[i];
+                var record = batch.Results[i];
                 stats.RecordsRead++;
                 redactions.Emails += record.Emails;
                 redactions.Phones += record.Phones;
@@ -111,7 +127,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
                 if (keptExcerpts.Count < options.DuplicateSampleSources)
                 {
-                    keptExcerpts.Add((record.Line, record.Excerpt!));
+                    keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
                 }
 
                 var toValidation = AssignToValidation(record, seen);
@@ -131,7 +147,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 {
                     var buffer = packBuffers[toValidation ? 1 : 0];
                     buffer.AddRange(record.Ids);
-                    buffer.Add(workerTokenizers.Value!.EndOfText);
+                    buffer.Add(endOfText);
                     while (buffer.Count >= recipe.MaxSequenceLength)
                     {
                         await WriteBlockAsync(toValidation ? validation : train, split, buffer, recipe.MaxSequenceLength, record.Line, histogram, stats, cancellationToken);
@@ -185,7 +201,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var counts = new RedactionCounts();
         var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
         result.Line = record.Line;
-        List<int> ids = [];
+        result.Text = null;
+        var ids = WorkerIds.Value!;
         string rendered;
         if (record.Messages is { } messages)
         {
@@ -229,9 +246,13 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         }
 
         result.Ids = [.. ids];
-        result.Key = XxHash3.HashToUInt64(MemoryMarshal.AsBytes((rendered + "\u0001" + record.Label).AsSpan()));
+        var key = new XxHash3();
+        key.Append(MemoryMarshal.AsBytes(rendered.AsSpan()));
+        key.Append("\u0001"u8);
+        key.Append(MemoryMarshal.AsBytes((record.Label ?? "").AsSpan()));
+        result.Key = key.GetCurrentHashAsUInt64();
         result.Signature = near?.Signature(rendered);
-        result.Excerpt = rendered.Length <= ExcerptChars ? rendered : rendered[..ExcerptChars] + "…";
+        result.Text = rendered;
     }
 
     private string RenderChat(List<ChatMessage> messages, TextCleaner cleaner, RedactionCounts counts)
@@ -292,8 +313,10 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         }
 
         var (line, excerpt) = keptIndex >= 0 && keptIndex < kept.Count ? kept[keptIndex] : (0L, "");
-        stats.DuplicateSamples.Add(new DuplicatePair(line, removed.Line, similarity, excerpt, removed.Excerpt!));
+        stats.DuplicateSamples.Add(new DuplicatePair(line, removed.Line, similarity, excerpt, Excerpt(removed.Text!)));
     }
+
+    private static string Excerpt(string text) => text.Length <= ExcerptChars ? text : text[..ExcerptChars] + "…";
 
     /// <summary>
     /// Deterministic, seeded split by record hash, stratified by label: within each label the validation

@@ -61,6 +61,21 @@ public sealed class RunStore(StorageClients storage)
         }
     }
 
+    /// <summary>The preprocessing statistics a run points to (<c>container/path</c>), or null.</summary>
+    public async Task<Preprocessing.PreparedStats?> ReadStatsAsync(string path, CancellationToken cancellationToken = default)
+    {
+        var slash = path.IndexOf('/');
+        try
+        {
+            var content = await storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]).DownloadContentAsync(cancellationToken);
+            return System.Text.Json.JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, Preprocessing.PreprocessJson.Default.PreparedStats);
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            return null;
+        }
+    }
+
     public async Task<List<RunRecord>> ListAsync(string? status = null, int max = 1000, CancellationToken cancellationToken = default)
     {
         var filter = status is null ? null : TableClient.CreateQueryFilter($"Status eq {status}");

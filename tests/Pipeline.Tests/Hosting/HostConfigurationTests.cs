@@ -54,7 +54,7 @@ public sealed class HostConfigurationTests
         var app = RepoPaths.FunctionApp;
         Assert.True(File.Exists(Path.Combine(app, "host.json")));
         Assert.True(File.Exists(Path.Combine(app, "Pipeline.Functions")), "the handler executable named in host.json");
-        foreach (var function in new[] { "Ingest", "Commands", "IngestPoison", "CommandsPoison" })
+        foreach (var function in Pipeline.Functions.QueueFunctions.Triggers.Keys)
         {
             Assert.True(File.Exists(Path.Combine(app, function, "function.json")), $"{function}/function.json");
         }

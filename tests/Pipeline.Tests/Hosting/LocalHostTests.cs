@@ -48,17 +48,21 @@ public sealed class LocalHostTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task A_file_dropped_into_incoming_becomes_a_dataset()
+    public async Task A_file_dropped_into_incoming_becomes_a_dataset_and_then_training_shards()
     {
         using var host = new LocalHostProcess(_azurite.ConnectionString);
         var runId = await UploadAsync("dropped.tsv", "text\tlabel\nGreat place\t1\nAwful\t0\n");
 
-        var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the dropped file to be ingested", host);
+        var run = await RunReachesAsync(runId, r => RunStatus.IsFinal(r.Status), "the dropped file to be ingested and preprocessed", host);
 
+        Assert.Equal(RunStatus.Succeeded, run.Status);
         var manifest = (await _pipeline.ManifestAsync(run.DatasetId!))!;
         Assert.Equal(2, manifest.Counts.Valid);
         Assert.True(manifest.HasHeader);
+        Assert.Equal(2, run.GetCounts()["trainRecords"] + run.GetCounts()["validationRecords"]);
+        Assert.EndsWith("/manifest.json", run.GetArtifacts()["preparedManifest"]);
         Assert.Contains("Function Ingest: queueTrigger on blob-created", host.Output);
+        Assert.Contains("Function Preprocess: queueTrigger on preprocess", host.Output);
     }
 
     [Fact]

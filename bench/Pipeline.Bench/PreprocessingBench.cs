@@ -1,0 +1,130 @@
+using System.Diagnostics;
+using System.Text;
+using System.Text.Json;
+using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.DependencyInjection;
+using Pipeline.Hosting;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+using Pipeline.Preprocessing;
+using Pipeline.Runs;
+using Pipeline.Storage;
+using Pipeline.Testing;
+
+namespace Pipeline.Bench;
+
+/// <summary>
+/// End-to-end tokens per second of the preprocessing stage (blob in, shards out) against the same
+/// tokenizer on the same texts in memory (the limit), on one core and on all cores.
+/// </summary>
+public static class PreprocessingBench
+{
+    public static async Task RunAsync(int records)
+    {
+        using var azurite = new AzuriteServer();
+        await azurite.StartAsync();
+        var texts = Texts(records);
+        var content = new StringBuilder();
+        for (var i = 0; i < texts.Count; i++)
+        {
+            content.Append(JsonSerializer.Serialize(new { text = texts[i], label = i % 2 })).Append('\n');
+        }
+
+        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
+        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).BuildServiceProvider();
+        var storage = services.GetRequiredService<StorageClients>();
+        var blob = storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-preprocess.jsonl");
+        var etag = (await blob.UploadAsync(BinaryData.FromString(content.ToString()), overwrite: true)).Value.ETag.ToString().Trim('"');
+        await services.GetRequiredService<IngestHandler>().IngestAsync(new IngestRequest(StorageNames.Containers.Incoming, blob.Name, etag, "bench-ingest", null), 1, CancellationToken.None);
+        var datasetId = (await services.GetRequiredService<RunStore>().GetAsync("bench-ingest"))!.DatasetId!;
+
+        var recipe = new PreprocessRecipe();
+        var tokenizers = await TokenizerSource.LoadAsync(storage, recipe.Tokenizer, CancellationToken.None);
+        var cleaner = new TextCleaner(recipe.Normalize, recipe.Redact);
+        var cleaned = texts.Select(t => cleaner.Clean(t, new RedactionCounts())).ToArray();
+        var cores = Environment.ProcessorCount;
+
+        Console.WriteLine($"Preprocessing benchmark: {records:N0} records ({content.Length / 1e6:N1} MB) of labelled review sentences, tiktoken cl100k_base, exact dedup, {cores} cores.");
+        Console.WriteLine();
+        Console.WriteLine("| Phase | cores | tokens/s (best of 3) | ratio to the in-memory tokenizer |");
+        Console.WriteLine("| --- | --- | --- | --- |");
+        foreach (var parallelism in cores > 1 ? new[] { 1, cores } : [1])
+        {
+            Pin(azurite, parallelism == 1);
+            var tokens = 0L;
+            var limit = BestOf(3, () => tokens = TokenizeInMemory(tokenizers, cleaned, parallelism));
+            var attempt = 0;
+            var stageTokens = 0L;
+            var stage = BestOf(3, () =>
+            {
+                // A new seed each time: a new prepared id, so every repetition does the whole work.
+                var spec = RunSpec.Parse(Encoding.UTF8.GetBytes("{\"preprocess\":{\"seed\":" + (++attempt + (parallelism * 100)) + "}}"), "bench");
+                var handler = new PreprocessHandler(storage, services.GetRequiredService<RunStore>(), services.GetRequiredService<RunEvents>(),
+                    services.GetRequiredService<RunTransitions>(), services.GetRequiredService<QueueSender>(),
+                    Microsoft.Extensions.Options.Options.Create(new PreprocessingOptions { Parallelism = parallelism }),
+                    Microsoft.Extensions.Options.Options.Create(new IngestionOptions()),
+                    Microsoft.Extensions.Logging.Abstractions.NullLogger<PreprocessHandler>.Instance);
+                var runId = $"bench-pre-{parallelism}-{attempt}";
+                handler.HandleAsync(new PreprocessRequest(datasetId, "", spec), runId, 1, CancellationToken.None).GetAwaiter().GetResult();
+                var counts = services.GetRequiredService<RunStore>().GetAsync(runId).GetAwaiter().GetResult()!.GetCounts();
+                stageTokens = counts["trainTokens"] + counts["validationTokens"];
+            });
+            Console.WriteLine($"| tokenizer alone, texts in memory (limit) | {parallelism} | {tokens / limit:N0} | 100% |");
+            Console.WriteLine($"| preprocessing stage, blob in to shards out | {parallelism} | {stageTokens / stage:N0} | {stageTokens / stage / (tokens / limit):P0} |");
+        }
+    }
+
+    private static void Pin(AzuriteServer azurite, bool oneCore)
+    {
+        if (!OperatingSystem.IsLinux() || Environment.ProcessorCount < 2)
+        {
+            return;
+        }
+
+        var all = (nint)((1L << Environment.ProcessorCount) - 1);
+        azurite.Process.ProcessorAffinity = oneCore ? 2 : all;
+        Process.GetCurrentProcess().ProcessorAffinity = oneCore ? 1 : all;
+    }
+
+    private static long TokenizeInMemory(TokenizerSource tokenizers, string[] texts, int parallelism)
+    {
+        var total = 0L;
+        Parallel.For(0, parallelism, new ParallelOptions { MaxDegreeOfParallelism = parallelism }, worker =>
+        {
+            var tokenizer = tokenizers.Create();
+            var ids = new List<int>();
+            var count = 0L;
+            for (var i = worker; i < texts.Length; i += parallelism)
+            {
+                count += tokenizer.Encode(texts[i], ids).Count;
+            }
+
+            Interlocked.Add(ref total, count);
+        });
+        return total;
+    }
+
+    private static double BestOf(int repetitions, Action action)
+    {
+        action();
+        var best = double.MaxValue;
+        for (var i = 0; i < repetitions; i++)
+        {
+            var clock = Stopwatch.StartNew();
+            action();
+            best = Math.Min(best, clock.Elapsed.TotalSeconds);
+        }
+
+        return best;
+    }
+
+    /// <summary>The sentiment sentences (from ../shared/data when present, else generated), made unique by a counter.</summary>
+    private static List<string> Texts(int records)
+    {
+        var shared = Path.GetFullPath(Path.Combine(AzuriteServer.RepoRoot, "..", "shared", "data", "sentiment"));
+        var sentences = Directory.Exists(shared)
+            ? Directory.GetFiles(shared, "*_labelled.txt").SelectMany(File.ReadLines).Select(l => l.Split('\t')[0]).ToList()
+            : [.. Enumerable.Range(0, 2000).Select(i => $"The service was {(i % 2 == 0 ? "great" : "slow")} and the food was {(i % 3 == 0 ? "cold" : "lovely")} on visit {i}.")];
+        return [.. Enumerable.Range(0, records).Select(i => $"{sentences[i % sentences.Count]} #{i / sentences.Count}")];
+    }
+}
