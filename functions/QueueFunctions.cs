@@ -3,6 +3,7 @@ using Pipeline.Hosting;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
 using Pipeline.Preprocessing;
+using Pipeline.Runs;
 using Pipeline.Storage;
 
 namespace Pipeline.Functions;
@@ -59,6 +60,12 @@ public static class QueueFunctions
             {
                 await handle(services, message, invocation, ct);
                 return Respond(StatusCodes.Status200OK, $"{name} completed");
+            }
+            catch (RunBusyException e)
+            {
+                // Not a failure: put the message back for later, without spending a delivery attempt.
+                await services.GetRequiredService<StorageClients>().Queue(queue).SendMessageAsync(message, RunLease.RetryAfter, cancellationToken: ct);
+                return Respond(StatusCodes.Status200OK, $"{name}: {e.Message}");
             }
             catch (InvalidMessageException e)
             {

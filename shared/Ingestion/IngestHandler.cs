@@ -107,10 +107,15 @@ public sealed class IngestHandler(
         var source = $"{request.Container}/{request.Blob}";
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = request.RunId, ["Source"] = source });
         var run = await runs.GetOrCreateAsync(new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest }, cancellationToken);
-        var ingestStatus = run.GetStages().GetValueOrDefault(Stages.Ingest);
-        if (ingestStatus == RunStatus.Succeeded || RunStatus.IsFinal(run.Status))
+        if (IsDone(run))
         {
             logger.LogInformation("Run {RunId} already ingested ({Status}); nothing to do", run.RunId, run.Status);
+            return;
+        }
+
+        await using var lease = await RunLease.AcquireAsync(storage, request.RunId, Stages.Ingest, cancellationToken);
+        if (IsDone(await runs.GetAsync(request.RunId, cancellationToken) ?? run))
+        {
             return;
         }
 
@@ -134,6 +139,9 @@ public sealed class IngestHandler(
             throw;
         }
     }
+
+    private static bool IsDone(RunRecord run) =>
+        run.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded || RunStatus.IsFinal(run.Status);
 
     private async Task RunIngestionAsync(IngestRequest request, Stopwatch clock, CancellationToken cancellationToken)
     {

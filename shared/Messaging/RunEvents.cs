@@ -34,7 +34,7 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger)
     public async Task PublishAsync(string type, RunRecord run, CancellationToken cancellationToken = default)
     {
         var data = new RunEventData(1, run.RunId, run.Stage, run.Status, run.GetCounts(), run.GetArtifacts(), run.Error, run.ErrorCode);
-        var cloudEvent = new CloudEvent(Source, type, BinaryData.FromBytes(JsonSerializer.SerializeToUtf8Bytes(data, PipelineJson.Default.RunEventData)), "application/json")
+        var cloudEvent = new CloudEvent(Source, type, BinaryData.FromBytes(JsonSerializer.SerializeToUtf8Bytes(data, PipelineJson.Default.RunEventData)), "application/json", CloudEventDataFormat.Json)
         {
             Subject = $"runs/{run.RunId}",
             Time = DateTimeOffset.UtcNow,

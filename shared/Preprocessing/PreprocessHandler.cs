@@ -34,10 +34,15 @@ public sealed class PreprocessHandler(
     {
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = runId, ["DatasetId"] = request.DatasetId });
         var run = await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"dataset:{request.DatasetId}", DatasetId = request.DatasetId, Stage = Stages.Preprocess }, cancellationToken);
-        var status = run.GetStages().GetValueOrDefault(Stages.Preprocess);
-        if (status == RunStatus.Succeeded || RunStatus.IsFinal(run.Status))
+        if (IsDone(run))
         {
             logger.LogInformation("Run {RunId} already preprocessed ({Status}); nothing to do", runId, run.Status);
+            return;
+        }
+
+        await using var lease = await RunLease.AcquireAsync(storage, runId, Stages.Preprocess, cancellationToken);
+        if (IsDone(await runs.GetAsync(runId, cancellationToken) ?? run))
+        {
             return;
         }
 
@@ -59,6 +64,9 @@ public sealed class PreprocessHandler(
             throw;
         }
     }
+
+    private static bool IsDone(RunRecord run) =>
+        run.GetStages().GetValueOrDefault(Stages.Preprocess) == RunStatus.Succeeded || RunStatus.IsFinal(run.Status);
 
     private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
     {

@@ -68,7 +68,8 @@ public sealed class LocalHostTests : IAsyncLifetime
     [Fact]
     public async Task The_handler_serves_the_custom_handler_invocation_contract()
     {
-        using var host = new LocalHostProcess(_azurite.ConnectionString);
+        // Without the blob watcher: this test plays the host and delivers the event itself.
+        using var host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
         using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{host.Port}") };
         await Eventually.ReturnsAsync(async () =>
         {
@@ -190,7 +191,6 @@ public sealed class LocalHostTests : IAsyncLifetime
         using var second = new LocalHostProcess(_azurite.ConnectionString, fast);
         var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the redelivered message to complete the dataset", second);
         Assert.Equal(datasetId, run.DatasetId);
-        Assert.Equal(2, run.Attempt);
         var manifest = (await _pipeline.ManifestAsync(datasetId))!;
         Assert.Equal(text.Count(c => c == '\n'), manifest.Counts.Valid);
         Assert.True(output.Length > 0);
@@ -209,23 +209,24 @@ public sealed class LocalHostTests : IAsyncLifetime
             runs.Add(await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, $"run {runId} to be ingested", a, b));
         }
 
-        Assert.Equal(100, runs.Select(r => r.DatasetId).Distinct().Count());
+        Assert.True(100 == runs.Select(r => r.DatasetId).Distinct().Count(), a.Output + b.Output);
         Assert.All(runs, r => Assert.Equal(1, r.Attempt));
-        var manifests = (await _pipeline.ListAsync(StorageNames.Containers.Datasets)).Where(n => n.EndsWith("/manifest.json")).ToList();
+        var manifests = (await _pipeline.ListAsync(StorageNames.Containers.Datasets)).Where(n => n.EndsWith("/manifest.json") && n.Count(c => c == '/') == 1).ToList();
         Assert.Equal(100, manifests.Count);
 
         // Every ingestion started once and created its dataset once, whichever host ran it.
         var events = await DrainEventsAsync();
         Assert.Equal(100, events.Count(e => e.Type == RunEvents.Types.DatasetCreated));
-        Assert.Equal(100, events.Count(e => e.Type == RunEvents.Types.StageStarted));
-        Assert.Equal(100, events.Where(e => e.Type == RunEvents.Types.StageStarted).Select(e => e.RunId).Distinct().Count());
+        var ingestStarts = events.Where(e => e.Type == RunEvents.Types.StageStarted && e.Stage == Stages.Ingest).ToList();
+        Assert.Equal(100, ingestStarts.Count);
+        Assert.Equal(100, ingestStarts.Select(e => e.RunId).Distinct().Count());
         Assert.Contains("Ingested", a.Output + b.Output);
     }
 
-    private async Task<List<(string Type, string RunId)>> DrainEventsAsync()
+    private async Task<List<(string Type, string RunId, string Stage)>> DrainEventsAsync()
     {
         var queue = _pipeline.Storage.Queue(StorageNames.Queues.Events);
-        var events = new List<(string, string)>();
+        var events = new List<(string, string, string)>();
         while (true)
         {
             var batch = (await queue.ReceiveMessagesAsync(32, TimeSpan.FromMinutes(5))).Value;
@@ -237,7 +238,8 @@ public sealed class LocalHostTests : IAsyncLifetime
             foreach (var message in batch)
             {
                 using var document = JsonDocument.Parse(message.Body.ToString());
-                events.Add((document.RootElement.GetProperty("type").GetString()!, document.RootElement.GetProperty("runid").GetString()!));
+                var root = document.RootElement;
+                events.Add((root.GetProperty("type").GetString()!, root.GetProperty("runid").GetString()!, root.GetProperty("data").GetProperty("stage").GetString()!));
             }
         }
     }
