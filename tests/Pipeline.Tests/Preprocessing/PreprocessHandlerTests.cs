@@ -335,4 +335,43 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
         Assert.Equal(RunStatus.Succeeded, prepared.Run.Status);
         Assert.Equal(2, prepared.Stats!.Train.Records + prepared.Stats.Validation.Records);
     }
+
+    [Fact]
+    public async Task The_seed_changes_the_split_and_the_estimate_follows_epochs_and_price()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var a = await PrepareAsync(pipeline, "yelp.txt", Sentences(), """{"preprocess":{"seed":1,"epochs":5,"costPerMillionTokens":10}}""");
+        var b = await PrepareAsync(pipeline, "yelp.txt", Sentences(), """{"preprocess":{"seed":2}}""");
+        Assert.NotEqual(a.Validation.Select(r => r.Line).Order(), b.Validation.Select(r => r.Line).Order());
+        Assert.InRange(b.Stats!.Validation.Records, a.Stats!.Validation.Records - 2, a.Stats.Validation.Records + 2);
+        Assert.NotEqual(a.Manifest!.PreparedId, b.Manifest!.PreparedId);
+        Assert.Equal(a.Stats.Train.Tokens * 5, a.Stats.EstimatedTrainingTokens);
+        Assert.Equal(Math.Round(a.Stats.EstimatedTrainingTokens / 1e6 * 10, 4), a.Stats.EstimatedCost);
+    }
+
+    [Theory]
+    [InlineData("""{"preprocess":{"maxSequenceLength":8,"thresholds":{"maxTruncatedFraction":0.05}},"fineTune":{}}""", "maxTruncatedFraction")]
+    [InlineData("""{"preprocess":{"thresholds":{"minTrainRecords":5000}},"fineTune":{}}""", "minTrainRecords")]
+    public async Task Each_report_threshold_can_stop_the_fine_tune(string spec, string check)
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var result = await PrepareAsync(pipeline, "yelp.txt", Sentences(), spec);
+        Assert.Equal(PreprocessErrorCodes.ValidationReportFailed, result.Run.ErrorCode);
+        Assert.Contains(check, result.Run.Error);
+        var report = JsonDocument.Parse(await pipeline.ReadAsync(StorageNames.Containers.Datasets, result.Run.ReportPath!["datasets/".Length..])).RootElement;
+        Assert.False(report.GetProperty("passed").GetBoolean());
+        Assert.Contains(report.GetProperty("checks").EnumerateArray(), c => c.GetProperty("name").GetString() == check && !c.GetProperty("passed").GetBoolean());
+    }
+
+    [Fact]
+    public async Task Shingle_size_and_permutations_shape_near_duplicate_detection()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        // Two records sharing every word but in another order: identical as 1-word shingles, different as 3-word shingles.
+        var content = "{\"text\":\"alpha beta gamma delta epsilon zeta eta theta\"}\n{\"text\":\"theta eta zeta epsilon delta gamma beta alpha\"}\n";
+        var words = await PrepareAsync(pipeline, "order.jsonl", content, """{"preprocess":{"validationFraction":0,"dedup":{"mode":"near","shingle":1,"permutations":64,"threshold":0.9}}}""");
+        Assert.Equal(1, words.Stats!.NearDuplicatesRemoved);
+        var phrases = await PrepareAsync(pipeline, "order.jsonl", content, """{"preprocess":{"validationFraction":0,"dedup":{"mode":"near","shingle":3,"permutations":64,"threshold":0.9}}}""");
+        Assert.Equal(0, phrases.Stats!.NearDuplicatesRemoved);
+    }
 }

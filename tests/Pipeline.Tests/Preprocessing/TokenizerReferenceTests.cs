@@ -76,4 +76,76 @@ public sealed class TokenizerReferenceTests(Azurite azurite) : IClassFixture<Azu
         Assert.Equal([7, 8, 6], source.Create().Encode("hello hell", []));
         Assert.StartsWith("bpe:merges.txt=", source.Fingerprint);
     }
+
+    [Fact]
+    public async Task A_sentencepiece_model_loads_from_a_model_folder()
+    {
+        // A tiny BPE SentencePiece model, written field by field from sentencepiece_model.proto.
+        string[] pieces = ["<unk>", "<s>", "</s>", "\u2581", "h", "e", "l", "o", "w", "r", "d", "ll", "he", "hell", "hello", "\u2581hello", "wo", "wor", "worl", "world", "\u2581world"];
+        using var model = new MemoryStream();
+        var output = new Google.Protobuf.CodedOutputStream(model);
+        for (var i = 0; i < pieces.Length; i++)
+        {
+            using var piece = new MemoryStream();
+            var p = new Google.Protobuf.CodedOutputStream(piece);
+            p.WriteTag(1, Google.Protobuf.WireFormat.WireType.LengthDelimited);
+            p.WriteString(pieces[i]);
+            p.WriteTag(2, Google.Protobuf.WireFormat.WireType.Fixed32);
+            p.WriteFloat(-i);
+            p.WriteTag(3, Google.Protobuf.WireFormat.WireType.Varint);
+            p.WriteEnum(i == 0 ? 2 : i < 3 ? 3 : 1);
+            p.Flush();
+            output.WriteTag(1, Google.Protobuf.WireFormat.WireType.LengthDelimited);
+            output.WriteBytes(Google.Protobuf.ByteString.CopyFrom(piece.ToArray()));
+        }
+
+        using (var trainer = new MemoryStream())
+        {
+            var t = new Google.Protobuf.CodedOutputStream(trainer);
+            t.WriteTag(3, Google.Protobuf.WireFormat.WireType.Varint);
+            t.WriteEnum(2); // BPE
+            t.WriteTag(40, Google.Protobuf.WireFormat.WireType.Varint);
+            t.WriteInt32(0);
+            t.WriteTag(41, Google.Protobuf.WireFormat.WireType.Varint);
+            t.WriteInt32(1);
+            t.WriteTag(42, Google.Protobuf.WireFormat.WireType.Varint);
+            t.WriteInt32(2);
+            t.Flush();
+            output.WriteTag(2, Google.Protobuf.WireFormat.WireType.LengthDelimited);
+            output.WriteBytes(Google.Protobuf.ByteString.CopyFrom(trainer.ToArray()));
+        }
+
+        using (var normalizer = new MemoryStream())
+        {
+            var n = new Google.Protobuf.CodedOutputStream(normalizer);
+            n.WriteTag(1, Google.Protobuf.WireFormat.WireType.LengthDelimited);
+            n.WriteString("identity");
+            n.WriteTag(3, Google.Protobuf.WireFormat.WireType.Varint);
+            n.WriteBool(true);
+            n.WriteTag(4, Google.Protobuf.WireFormat.WireType.Varint);
+            n.WriteBool(true);
+            n.WriteTag(5, Google.Protobuf.WireFormat.WireType.Varint);
+            n.WriteBool(true);
+            n.Flush();
+            output.WriteTag(3, Google.Protobuf.WireFormat.WireType.LengthDelimited);
+            output.WriteBytes(Google.Protobuf.ByteString.CopyFrom(normalizer.ToArray()));
+        }
+
+        output.Flush();
+        await azurite.Storage.Container(StorageNames.Containers.Models).GetBlobClient("tiny-sp/tokenizer.model").UploadAsync(new BinaryData(model.ToArray()), overwrite: true);
+
+        var source = await TokenizerSource.LoadAsync(azurite.Storage, new TokenizerSpec { Kind = TokenizerKinds.SentencePiece, Files = "models/tiny-sp/" }, CancellationToken.None);
+        var ids = source.Create().Encode("hello world", []);
+        Assert.Equal([1, 15, 20], ids);
+    }
+
+    [Fact]
+    public async Task O200k_is_available_by_name()
+    {
+        var tokenizer = (await TokenizerSource.LoadAsync(azurite.Storage, new TokenizerSpec { Encoding = "o200k_base" }, CancellationToken.None)).Create();
+        var ids = tokenizer.Encode("Wow... Loved this place.", []);
+        Assert.Equal("Wow... Loved this place.", tokenizer.Inner.Decode(ids));
+        Assert.NotEqual(tokenizer.Encode("Wow... Loved this place.", []), (await TokenizerSource.LoadAsync(azurite.Storage, new TokenizerSpec(), CancellationToken.None)).Create().Encode("Wow... Loved this place.", []));
+        Assert.Equal(199999, tokenizer.EndOfText);
+    }
 }
