@@ -8,4 +8,7 @@ root.Subcommands.Add(SubmitCommand.Create());
 root.Subcommands.Add(RunsCommands.Status());
 root.Subcommands.Add(RunsCommands.List());
 root.Subcommands.Add(RunsCommands.Poison());
+root.Subcommands.Add(MoreCommands.Events());
+root.Subcommands.Add(MoreCommands.Cancel());
+root.Subcommands.Add(MoreCommands.Datasets());
 return await root.Parse(args).InvokeAsync();

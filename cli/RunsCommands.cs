@@ -46,7 +46,7 @@ public static class RunsCommands
             var runs = await new RunStore(CliOptions.Storage(parse)).ListAsync(parse.GetValue(status), cancellationToken: ct);
             if (CliOptions.Json(parse))
             {
-                CliOptions.WriteJson(runs.Select(RunView.From).ToList(), CliJson.Default.ListRunView);
+                CliOptions.WriteJson(runs.Select(RunView.From).ToList(), ViewJson.Default.ListRunView);
                 return CliOptions.ExitCodes.Succeeded;
             }
 
@@ -65,15 +65,15 @@ public static class RunsCommands
     public static Command Poison()
     {
         var queue = new Option<string?>("--queue") { Description = "Only messages that came from this queue." };
-        var command = new Command("poison", "List messages that were given up on (poisoned or invalid), with the recorded reason.") { queue };
+        var command = new Command("poison", "List messages that were given up on (poisoned or invalid), with the recorded reason.") { queue, MoreCommands.Replay() };
         command.SetAction(async (parse, ct) =>
         {
             var storage = CliOptions.Storage(parse);
             var records = await FailedMessages.ListAsync(storage, parse.GetValue(queue), ct);
-            var views = records.Select(r => new PoisonView(r.Queue, r.RowKey, r.Kind, r.RunId, r.Reason, r.Attempts, r.RecordedAt, r.Message)).ToList();
+            var views = records.Select(r => r.ToView()).ToList();
             if (CliOptions.Json(parse))
             {
-                CliOptions.WriteJson(views, CliJson.Default.ListPoisonView);
+                CliOptions.WriteJson(views, ViewJson.Default.ListPoisonView);
                 return CliOptions.ExitCodes.Succeeded;
             }
 
@@ -133,7 +133,7 @@ public static class RunsCommands
     {
         if (CliOptions.Json(parse))
         {
-            CliOptions.WriteJson(RunView.From(run), CliJson.Default.RunView);
+            CliOptions.WriteJson(RunView.From(run), ViewJson.Default.RunView);
             return;
         }
 

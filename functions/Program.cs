@@ -1,4 +1,5 @@
 using Pipeline.Functions;
+using Pipeline.Functions.Api;
 using Pipeline.Hosting;
 
 // One executable, two roles: the custom handler the Functions host starts (FUNCTIONS_CUSTOMHANDLER_PORT),
@@ -33,5 +34,6 @@ if (local)
 
 var app = builder.Build();
 app.MapQueueFunctions();
+app.MapPipelineApi();
 app.MapGet("/", () => Results.Ok(new { name = "Pipeline", mode = local ? "local" : "custom-handler" }));
 app.Run();

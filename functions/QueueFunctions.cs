@@ -16,12 +16,18 @@ public static class QueueFunctions
 {
     private const string Binding = "message";
 
+    /// <summary>Where invalid Service Bus commands are recorded (partition of the poisonmessages table).</summary>
+    public const string ServiceBusCommands = "servicebus-commands";
+
     public static void MapQueueFunctions(this WebApplication app)
     {
         app.MapQueueFunction("Ingest", StorageNames.Queues.BlobCreated,
             (services, message, invocation, ct) => services.GetRequiredService<IngestHandler>().HandleBlobCreatedAsync(message, invocation.GetDequeueCount(), ct));
         app.MapQueueFunction("Commands", StorageNames.Queues.Commands,
             (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDequeueCount(), ct));
+        // Service Bus commands: the host's serviceBusTrigger hands the message body to the same router.
+        app.MapQueueFunction("CommandsServiceBus", ServiceBusCommands,
+            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDeliveryCount(), ct));
         app.MapQueueFunction("Preprocess", StorageNames.Queues.Preprocess,
             (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().PreprocessAsync(message, invocation.GetDequeueCount(), ct));
         app.MapQueueFunction("IngestPoison", StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated),

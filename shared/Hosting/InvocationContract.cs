@@ -21,6 +21,11 @@ public sealed record InvocationRequest
         ? value.ValueKind == JsonValueKind.Number ? value.GetInt32() : int.TryParse(value.GetString(), out var n) ? n : 1
         : 1;
 
+    /// <summary>Service Bus trigger metadata calls the attempt DeliveryCount; queues call it DequeueCount.</summary>
+    public int GetDeliveryCount() => Metadata.ContainsKey("DeliveryCount")
+        ? Metadata["DeliveryCount"].ValueKind == JsonValueKind.Number ? Metadata["DeliveryCount"].GetInt32() : 1
+        : GetDequeueCount();
+
     public string? GetMetadataText(string name) => Metadata.TryGetValue(name, out var value)
         ? value.ValueKind == JsonValueKind.String ? value.GetString() : value.GetRawText()
         : null;

@@ -126,6 +126,11 @@ public sealed class IngestHandler(
         {
             await RunIngestionAsync(request, clock, cancellationToken);
         }
+        catch (RunCancelledException)
+        {
+            logger.LogInformation("Run {RunId} was cancelled during ingestion; stopping", request.RunId);
+            await DeleteStagingAsync(request.RunId, CancellationToken.None);
+        }
         catch (Exception e) when (e is IngestionRejectedException or RunSpecException)
         {
             var code = e is IngestionRejectedException rejected ? rejected.Code : RejectionCodes.InvalidRunSpec;
@@ -169,6 +174,11 @@ public sealed class IngestHandler(
             result = await ingestor.RunAsync(sourceStream, request.Blob, properties.ContentLength, settings, recordsStream, errorsStream,
                 counts => new ValueTask(runs.UpdateAsync(request.RunId, r =>
                 {
+                    if (r.Status == RunStatus.Cancelled)
+                    {
+                        throw new RunCancelledException(r.RunId);
+                    }
+
                     r.SetCounts(counts.ToDictionary());
                     return true;
                 }, cancellationToken)),

@@ -8,9 +8,9 @@ namespace Pipeline.Messaging;
 /// Routes command documents (the <c>commands</c> storage queue, and Service Bus through the host's binding)
 /// to the stage that handles them. A command that can never succeed is recorded with its reason, not retried.
 /// </summary>
-public sealed class CommandRouter(IngestHandler ingest, StageMessages stages)
+public sealed class CommandRouter(IngestHandler ingest, StageMessages stages, RunTransitions transitions)
 {
-    public static readonly string[] SupportedTypes = [MessageTypes.Ingest, MessageTypes.Preprocess];
+    public static readonly string[] SupportedTypes = [MessageTypes.Ingest, MessageTypes.Preprocess, MessageTypes.Cancel];
 
     /// <exception cref="InvalidMessageException">The command is malformed or names something that does not exist.</exception>
     public async Task HandleAsync(string message, int dequeueCount, CancellationToken cancellationToken)
@@ -29,6 +29,14 @@ public sealed class CommandRouter(IngestHandler ingest, StageMessages stages)
                 return;
             case MessageTypes.Preprocess:
                 await stages.PreprocessAsync(envelope, RunIds.ForMessage(StorageNames.Queues.Commands, message), dequeueCount, cancellationToken);
+                return;
+            case MessageTypes.Cancel:
+                var cancel = StageMessages.Body(envelope, PipelineJson.Default.CancelCommand);
+                if (await transitions.CancelAsync(cancel.RunId ?? "", cancel.Reason, cancellationToken) is null)
+                {
+                    throw new InvalidMessageException($"The cancel command names run '{cancel.RunId}', which does not exist.");
+                }
+
                 return;
             default:
                 throw new InvalidMessageException($"Unknown command type '{envelope.Type}'. This version handles: {string.Join(", ", SupportedTypes)}.");

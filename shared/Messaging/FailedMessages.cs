@@ -27,6 +27,8 @@ public sealed class PoisonRecord : ITableEntity
     public DateTimeOffset RecordedAt { get; set; }
     /// <summary>When it was put back on its queue by a replay, if it was.</summary>
     public DateTimeOffset? ReplayedAt { get; set; }
+
+    public PoisonView ToView() => new(Queue, RowKey, Kind, RunId, Reason, Attempts, RecordedAt, ReplayedAt, Message);
 }
 
 /// <summary>
@@ -71,6 +73,49 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         }
 
         return list;
+    }
+
+    /// <summary>
+    /// Puts poisoned messages (not invalid ones: those can never succeed) back on the queue they came
+    /// from, once each, and reopens their runs so the stages pick them up again.
+    /// </summary>
+    public static async Task<List<PoisonRecord>> ReplayAsync(StorageClients storage, string? queue, CancellationToken cancellationToken)
+    {
+        var table = storage.Table(StorageNames.Tables.PoisonMessages);
+        var runs = new RunStore(storage);
+        var replayed = new List<PoisonRecord>();
+        foreach (var record in await ListAsync(storage, queue, cancellationToken))
+        {
+            if (record.Kind != PoisonedKind || record.ReplayedAt is not null || !StorageNames.Queues.Triggers.Contains(record.Queue))
+            {
+                continue;
+            }
+
+            if (record.RunId is { } runId && await runs.GetAsync(runId, cancellationToken) is not null)
+            {
+                await runs.UpdateAsync(runId, r =>
+                {
+                    if (r.ErrorCode != PoisonErrorCode)
+                    {
+                        return false;
+                    }
+
+                    r.Status = RunStatus.Running;
+                    r.SetStage(r.Stage, RunStatus.Queued);
+                    r.Error = null;
+                    r.ErrorCode = null;
+                    r.EndedAt = null;
+                    return true;
+                }, cancellationToken);
+            }
+
+            await storage.Queue(record.Queue).SendMessageAsync(record.Message, cancellationToken);
+            record.ReplayedAt = DateTimeOffset.UtcNow;
+            await table.UpdateEntityAsync(record, record.ETag, TableUpdateMode.Replace, cancellationToken);
+            replayed.Add(record);
+        }
+
+        return replayed;
     }
 
     /// <summary>The run a message belongs to: from its envelope, its blob event, or (failing both) its text.</summary>

@@ -28,10 +28,14 @@ public static class MessageTypes
     public const string Ingest = "ingest";
     public const string Preprocess = "preprocess";
     public const string FineTune = "finetune";
+    public const string Cancel = "cancel";
 }
 
 /// <summary>Body of an <c>ingest</c> command: a blob already in the account, and optionally a run spec.</summary>
 public sealed record IngestCommand(string Blob, RunSpec? Spec = null);
+
+/// <summary>Body of a <c>cancel</c> command: the run to stop, and why.</summary>
+public sealed record CancelCommand(string RunId, string? Reason = null);
 
 /// <summary>Body of a <c>preprocess</c> message: the dataset ingestion produced and the run spec to follow.</summary>
 public sealed record PreprocessRequest(string DatasetId, string DatasetManifest, RunSpec? Spec = null);
@@ -88,6 +92,8 @@ public sealed record BlobCreatedData
 [JsonSerializable(typeof(BlobCreatedEvent))]
 [JsonSerializable(typeof(BlobCreatedEvent[]))]
 [JsonSerializable(typeof(RunEventData))]
+[JsonSerializable(typeof(Dictionary<string, long>))]
+[JsonSerializable(typeof(CancelCommand))]
 [JsonSerializable(typeof(RunSpec))]
 [JsonSerializable(typeof(DatasetManifest))]
 [JsonSerializable(typeof(IngestReport))]

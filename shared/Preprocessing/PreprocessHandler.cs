@@ -53,6 +53,10 @@ public sealed class PreprocessHandler(
         {
             await PrepareAsync(request, runId, clock, cancellationToken);
         }
+        catch (RunCancelledException)
+        {
+            logger.LogInformation("Run {RunId} was cancelled during preprocessing; stopping", runId);
+        }
         catch (PreprocessingRejectedException e)
         {
             await transitions.FailAsync(runId, Stages.Preprocess, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken);
@@ -96,6 +100,11 @@ public sealed class PreprocessHandler(
                         lastProgress.Restart();
                         await runs.UpdateAsync(runId, r =>
                         {
+                            if (r.Status == RunStatus.Cancelled)
+                            {
+                                throw new RunCancelledException(r.RunId);
+                            }
+
                             r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens });
                             return true;
                         }, cancellationToken);

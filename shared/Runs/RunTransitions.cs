@@ -53,9 +53,47 @@ public sealed class RunTransitions(RunStore runs, RunEvents events)
         return run;
     }
 
+    /// <summary>
+    /// Cancels a run that has not ended: stages check at start and at each progress update, stop, and
+    /// acknowledge their messages. Returns null when there is no such run; a finished run is left as it is.
+    /// </summary>
+    public async Task<RunRecord?> CancelAsync(string runId, string? reason, CancellationToken cancellationToken = default)
+    {
+        if (await runs.GetAsync(runId, cancellationToken) is null)
+        {
+            return null;
+        }
+
+        var changed = false;
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
+            changed = true;
+            r.Status = RunStatus.Cancelled;
+            r.SetStage(r.Stage, RunStatus.Cancelled);
+            r.Error = reason is null ? "Cancelled." : $"Cancelled: {reason}";
+            r.ErrorCode = "Cancelled";
+            r.EndedAt = DateTimeOffset.UtcNow;
+            return true;
+        }, cancellationToken);
+        if (changed)
+        {
+            await events.PublishAsync(RunEvents.Types.RunCancelled, run, cancellationToken);
+        }
+
+        return run;
+    }
+
     public static string Describe(Exception error)
     {
         var text = $"{error.GetType().Name}: {error.Message}";
         return text.Length <= 4000 ? text : text[..4000];
     }
 }
+
+/// <summary>The run was cancelled while a stage worked on it: the stage stops and acknowledges its message.</summary>
+public sealed class RunCancelledException(string runId) : Exception($"Run {runId} was cancelled.");

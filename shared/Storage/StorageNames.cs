@@ -48,6 +48,9 @@ public static class StorageNames
         /// <summary>Messages that reached a poison queue, with the reason they failed.</summary>
         public const string PoisonMessages = "poisonmessages";
 
-        public static readonly string[] All = [Runs, PoisonMessages];
+        /// <summary>Every run transition (partition = run id), for a run's event history.</summary>
+        public const string RunEvents = "runevents";
+
+        public static readonly string[] All = [Runs, PoisonMessages, RunEvents];
     }
 }

@@ -31,6 +31,7 @@ public sealed class TestPipeline : IDisposable
         _services = services.BuildServiceProvider();
     }
 
+    public IServiceProvider Services => _services;
     public StorageClients Storage => _services.GetRequiredService<StorageClients>();
     public IngestHandler Ingest => _services.GetRequiredService<IngestHandler>();
     public CommandRouter Commands => _services.GetRequiredService<CommandRouter>();
