@@ -159,6 +159,14 @@ public sealed class LocalHostTests : IAsyncLifetime
         Assert.Equal(FailedMessages.PoisonedKind, kept.Kind);
         Assert.Equal(runId, kept.RunId);
         Assert.Contains("stuck.jsonl", kept.Message);
+
+        // Once the cause is fixed, a replay puts the message back and the run completes.
+        await staged.GetBlobLeaseClient().BreakAsync(TimeSpan.Zero);
+        var replayed = Assert.Single(await FailedMessages.ReplayAsync(_pipeline.Storage, null, CancellationToken.None));
+        Assert.NotNull(replayed.ReplayedAt);
+        var recovered = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the replayed message to complete ingestion", second);
+        Assert.NotNull(recovered.DatasetId);
+        Assert.Empty(await FailedMessages.ReplayAsync(_pipeline.Storage, null, CancellationToken.None));
     }
 
     [Fact]

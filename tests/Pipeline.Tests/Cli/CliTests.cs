@@ -1,0 +1,113 @@
+using System.Diagnostics;
+using System.Text.Json;
+using Pipeline.Runs;
+using Pipeline.Tests.Infrastructure;
+
+namespace Pipeline.Tests.Cli;
+
+/// <summary>The <c>pipeline</c> CLI as a user runs it (its own process) against the local host on Azurite: JSON output and exit codes.</summary>
+[Collection(LocalHostProcess.Collection)]
+public sealed class CliTests : IAsyncLifetime
+{
+    private readonly Azurite _azurite = new();
+    private LocalHostProcess _host = null!;
+    private readonly string _work = Directory.CreateTempSubdirectory("pipeline-cli-").FullName;
+
+    public async Task InitializeAsync()
+    {
+        await _azurite.InitializeAsync();
+        _host = new LocalHostProcess(_azurite.ConnectionString);
+    }
+
+    public async Task DisposeAsync()
+    {
+        _host.Dispose();
+        await _azurite.DisposeAsync();
+        Directory.Delete(_work, recursive: true);
+    }
+
+    private async Task<(int ExitCode, string Output, string Error)> PipelineAsync(params string[] args)
+    {
+        var cli = Path.Combine(RepoPaths.Root, "cli", "bin", RepoPaths.Configuration, "net10.0", "pipeline.dll");
+        var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        start.ArgumentList.Add(cli);
+        foreach (var arg in args)
+        {
+            start.ArgumentList.Add(arg);
+        }
+
+        start.Environment["AzureWebJobsStorage"] = _azurite.ConnectionString;
+        start.Environment["NO_COLOR"] = "1";
+        using var process = Process.Start(start)!;
+        var output = process.StandardOutput.ReadToEndAsync();
+        var error = process.StandardError.ReadToEndAsync();
+        await process.WaitForExitAsync().WaitAsync(TimeSpan.FromMinutes(3));
+        return (process.ExitCode, await output, await error);
+    }
+
+    private string File(string name, string content)
+    {
+        var path = Path.Combine(_work, name);
+        System.IO.File.WriteAllText(path, content);
+        return path;
+    }
+
+    [Fact]
+    public async Task Submit_wait_status_runs_events_and_datasets_speak_json()
+    {
+        var data = File("reviews.tsv", "text\tlabel\nLovely\t1\nAwful\t0\nGreat\t1\nBad\t0\n");
+        var spec = File("reviews.pipeline.json", """{"preprocess":{"validationFraction":0.25}}""");
+
+        var submit = await PipelineAsync("submit", data, "--spec", spec, "--wait", "--timeout", "120", "--output", "json");
+        Assert.True(submit.ExitCode == 0, submit.Output + submit.Error + _host.Output);
+        var run = JsonDocument.Parse(submit.Output).RootElement;
+        Assert.Equal(RunStatus.Succeeded, run.GetProperty("status").GetString());
+        var runId = run.GetProperty("runId").GetString()!;
+        Assert.Equal(4, run.GetProperty("counts").GetProperty("valid").GetInt64());
+
+        var status = await PipelineAsync("status", runId, "-o", "json");
+        Assert.Equal(0, status.ExitCode);
+        Assert.Equal(runId, JsonDocument.Parse(status.Output).RootElement.GetProperty("runId").GetString());
+
+        var runs = await PipelineAsync("runs", "--status", "succeeded", "-o", "json");
+        Assert.Contains(JsonDocument.Parse(runs.Output).RootElement.EnumerateArray(), r => r.GetProperty("runId").GetString() == runId);
+
+        var events = await PipelineAsync("events", runId, "-o", "json");
+        Assert.Contains(JsonDocument.Parse(events.Output).RootElement.EnumerateArray(), e => e.GetProperty("type").GetString() == "pipeline.run.stage.succeeded");
+
+        var datasets = await PipelineAsync("datasets", "-o", "json");
+        Assert.Contains(JsonDocument.Parse(datasets.Output).RootElement.EnumerateArray(), d => d.GetProperty("datasetId").GetString() == run.GetProperty("datasetId").GetString());
+
+        var cancel = await PipelineAsync("cancel", runId);
+        Assert.Equal(2, cancel.ExitCode);
+        Assert.Contains("already ended", cancel.Output + cancel.Error);
+
+        var table = await PipelineAsync("status", runId);
+        Assert.Contains("Tokens", table.Output);
+    }
+
+    [Fact]
+    public async Task Exit_codes_tell_what_went_wrong()
+    {
+        Assert.Equal(3, (await PipelineAsync("status", "run-does-not-exist")).ExitCode);
+        Assert.Equal(3, (await PipelineAsync("events", "run-does-not-exist")).ExitCode);
+        Assert.Equal(3, (await PipelineAsync("cancel", "run-does-not-exist")).ExitCode);
+        Assert.Equal(2, (await PipelineAsync("submit", Path.Combine(_work, "missing.csv"))).ExitCode);
+
+        var badSpec = await PipelineAsync("submit", File("a.jsonl", "{\"text\":\"a\"}\n"), "--spec", File("a.pipeline.json", """{"ingest":{"fromat":"csv"}}"""));
+        Assert.Equal(2, badSpec.ExitCode);
+        Assert.Contains("fromat", badSpec.Output + badSpec.Error);
+
+        var rejected = await PipelineAsync("submit", File("empty.jsonl", ""), "--wait", "--timeout", "60", "-o", "json");
+        Assert.Equal(1, rejected.ExitCode);
+        Assert.Equal("EmptyFile", JsonDocument.Parse(rejected.Output).RootElement.GetProperty("errorCode").GetString());
+
+        var poison = await PipelineAsync("poison", "-o", "json");
+        Assert.Equal(0, poison.ExitCode);
+        Assert.Equal(JsonValueKind.Array, JsonDocument.Parse(poison.Output).RootElement.ValueKind);
+
+        var help = await PipelineAsync("--help");
+        Assert.Equal(0, help.ExitCode);
+        Assert.Contains("submit", help.Output);
+    }
+}
