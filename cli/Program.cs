@@ -11,4 +11,8 @@ root.Subcommands.Add(RunsCommands.Poison());
 root.Subcommands.Add(MoreCommands.Events());
 root.Subcommands.Add(MoreCommands.Cancel());
 root.Subcommands.Add(MoreCommands.Datasets());
+root.Subcommands.Add(LocalCommands.Up());
+root.Subcommands.Add(LocalCommands.Down());
+root.Subcommands.Add(LocalCommands.Artifacts());
+root.Subcommands.Add(LocalCommands.Lineage());
 return await root.Parse(args).InvokeAsync();

@@ -84,6 +84,23 @@ public sealed class CliTests : IAsyncLifetime
 
         var table = await PipelineAsync("status", runId);
         Assert.Contains("Tokens", table.Output);
+
+        var artifacts = await PipelineAsync("artifacts", runId, "--out", Path.Combine(_work, "artifacts"), "-o", "json");
+        Assert.Equal(0, artifacts.ExitCode);
+        var files = JsonDocument.Parse(artifacts.Output).RootElement.GetProperty("files").EnumerateArray().Select(f => f.GetString()!).ToList();
+        Assert.Contains(files, f => f.EndsWith("records.jsonl") && System.IO.File.Exists(f));
+        Assert.Contains(files, f => f.EndsWith("train-00000.jsonl"));
+        Assert.Contains(files, f => f.EndsWith("stats.json"));
+
+        var lineage = await PipelineAsync("lineage", runId, "-o", "json");
+        Assert.Equal(0, lineage.ExitCode);
+        var chain = JsonDocument.Parse(lineage.Output).RootElement;
+        Assert.Equal("incoming/reviews.tsv", chain.GetProperty("source").GetProperty("blob").GetString());
+        Assert.Equal(0.25, chain.GetProperty("prepared").GetProperty("recipe").GetProperty("validationFraction").GetDouble());
+        var preparedId = chain.GetProperty("prepared").GetProperty("preparedId").GetString()!;
+        var fromPrepared = JsonDocument.Parse((await PipelineAsync("lineage", preparedId, "-o", "json")).Output).RootElement;
+        Assert.Equal(run.GetProperty("datasetId").GetString(), fromPrepared.GetProperty("dataset").GetProperty("datasetId").GetString());
+        Assert.Equal(3, (await PipelineAsync("lineage", "pp-nothing")).ExitCode);
     }
 
     [Fact]
