@@ -159,6 +159,22 @@ public sealed class HttpApiTests : IAsyncLifetime
     }
 
     [Fact]
+    public async Task Commands_on_the_storage_queue_are_picked_up_by_the_host()
+    {
+        await _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient("queued/data.jsonl").UploadAsync(BinaryData.FromString("{\"text\":\"from the commands queue\"}\n"), overwrite: true);
+        await _pipeline.Storage.Queue(StorageNames.Queues.Commands).SendMessageAsync("{\"schemaVersion\":1,\"type\":\"ingest\",\"runId\":\"run-queued-command\",\"body\":{\"blob\":\"incoming/queued/data.jsonl\"}}");
+        await _pipeline.Storage.Queue(StorageNames.Queues.Commands).SendMessageAsync("{\"schemaVersion\":1,\"type\":\"cancel\",\"body\":{\"runId\":\"run-never-existed\"}}");
+
+        var run = await Eventually.ReturnsAsync(async () => await _pipeline.Runs.GetAsync("run-queued-command") is { Status: RunStatus.Succeeded } r ? r : null,
+            TimeSpan.FromSeconds(60), "the queued ingest command's run to finish", () => _host.Output);
+        Assert.NotNull(run.DatasetId);
+        var invalid = await Eventually.ReturnsAsync(async () => (await FailedMessages.ListAsync(_pipeline.Storage, StorageNames.Queues.Commands, CancellationToken.None)).FirstOrDefault(),
+            TimeSpan.FromSeconds(30), "the invalid cancel command to be recorded", () => _host.Output);
+        Assert.Contains("run-never-existed", invalid.Reason);
+        Assert.Equal(0, (await _pipeline.Storage.Queue(StorageNames.Queues.Poison(StorageNames.Queues.Commands)).GetPropertiesAsync()).Value.ApproximateMessagesCount);
+    }
+
+    [Fact]
     public async Task Every_http_function_declared_in_function_json_is_served()
     {
         var functions = FunctionDefinitions.Load(Path.Combine(RepoPaths.Root, "functions"), new Microsoft.Extensions.Configuration.ConfigurationBuilder().Build())
