@@ -1,4 +1,3 @@
-using System.Text.Json;
 using Azure.Storage.Blobs.Models;
 using Pipeline.Messaging;
 using Pipeline.Runs;
@@ -20,16 +19,11 @@ public static class DatasetCatalog
                 continue;
             }
 
-            try
+            // No manifest: not committed (a crash mid-ingestion); readers trust only manifests.
+            if (await BlobJson.ReadAsync(container.GetBlobClient(item.Prefix + "manifest.json"), PipelineJson.Default.DatasetManifest, cancellationToken) is { } manifest)
             {
-                var content = await container.GetBlobClient(item.Prefix + "manifest.json").DownloadContentAsync(cancellationToken);
-                var manifest = JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, PipelineJson.Default.DatasetManifest)!;
                 datasets.Add(new DatasetView(manifest.DatasetId, manifest.Format, manifest.RecordKind, manifest.Counts.Valid, manifest.Counts.Invalid,
                     manifest.LabelType, manifest.SourceBlob, manifest.RunId, manifest.CreatedAt, $"{StorageNames.Containers.Datasets}/{item.Prefix}manifest.json"));
-            }
-            catch (Azure.RequestFailedException e) when (e.Status == 404)
-            {
-                // No manifest: not committed (a crash mid-ingestion); readers trust only manifests.
             }
         }
 

@@ -221,7 +221,7 @@ public sealed class IngestHandler(
                 TimingsMs = new() { ["ingest"] = Math.Round(clock.Elapsed.TotalMilliseconds, 1) },
                 SettingsFingerprint = fingerprint,
             };
-            created = await WriteOnceAsync(manifestBlob, JsonSerializer.SerializeToUtf8Bytes(manifest, PipelineJson.Default.DatasetManifest), cancellationToken);
+            created = await BlobJson.WriteOnceAsync(manifestBlob, manifest, PipelineJson.Default.DatasetManifest, cancellationToken);
         }
 
         await DeleteStagingAsync(request.RunId, cancellationToken);
@@ -296,24 +296,6 @@ public sealed class IngestHandler(
     private Task<Stream> OpenWriteAsync(BlobClient blob, CancellationToken cancellationToken) =>
         blob.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = _options.UploadBlockBytes }, cancellationToken);
 
-    /// <summary>Writes a blob only if it does not exist yet; false when another writer got there first.</summary>
-    private static async Task<bool> WriteOnceAsync(BlobClient blob, byte[] content, CancellationToken cancellationToken)
-    {
-        try
-        {
-            await blob.UploadAsync(new BinaryData(content), new BlobUploadOptions
-            {
-                Conditions = new BlobRequestConditions { IfNoneMatch = ETag.All },
-                HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" },
-            }, cancellationToken);
-            return true;
-        }
-        catch (RequestFailedException e) when (e.Status is 409 or 412)
-        {
-            return false;
-        }
-    }
-
     private async Task RejectAsync(IngestRequest request, string code, string message, IngestResult? result, Stopwatch clock, CancellationToken cancellationToken)
     {
         var quarantine = storage.Container(StorageNames.Containers.Quarantine);
@@ -344,7 +326,7 @@ public sealed class IngestHandler(
             CreatedAt = DateTimeOffset.UtcNow,
         };
         var reportPath = $"{folder}/report.json";
-        await quarantine.GetBlobClient(reportPath).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(report, PipelineJson.Default.IngestReport)), overwrite: true, cancellationToken);
+        await BlobJson.WriteAsync(quarantine.GetBlobClient(reportPath), report, PipelineJson.Default.IngestReport, cancellationToken);
         await DeleteStagingAsync(request.RunId, cancellationToken);
 
         var run = await transitions.FailAsync(request.RunId, Stages.Ingest, code, message, clock.Elapsed, r =>

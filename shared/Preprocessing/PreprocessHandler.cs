@@ -1,7 +1,5 @@
 using System.Diagnostics;
 using System.Text.Json;
-using Azure;
-using Azure.Storage.Blobs.Models;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Pipeline.Ingestion;
@@ -75,7 +73,7 @@ public sealed class PreprocessHandler(
     private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
     {
         var datasets = storage.Container(StorageNames.Containers.Datasets);
-        var dataset = await ReadAsync(datasets, $"{request.DatasetId}/manifest.json", PipelineJson.Default.DatasetManifest, cancellationToken)
+        var dataset = await BlobJson.ReadAsync(datasets.GetBlobClient($"{request.DatasetId}/manifest.json"), PipelineJson.Default.DatasetManifest, cancellationToken)
             ?? throw new PreprocessingRejectedException(PreprocessErrorCodes.DatasetNotFound,
                 $"Dataset {request.DatasetId} has no manifest: it was never ingested, or its ingestion did not finish. Ingest the file first (drop it into incoming).");
         var recipe = PreprocessRecipe.From(request.Spec?.Preprocess);
@@ -83,7 +81,7 @@ public sealed class PreprocessHandler(
         var preparedId = "pp-" + RunIds.Hash($"{request.DatasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}", 24);
         var folder = Folder(request.DatasetId, preparedId);
 
-        var manifest = await ReadAsync(datasets, folder + "manifest.json", PreprocessJson.Default.PreparedManifest, cancellationToken);
+        var manifest = await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "manifest.json"), PreprocessJson.Default.PreparedManifest, cancellationToken);
         ValidationReport report;
         if (manifest is null)
         {
@@ -119,8 +117,8 @@ public sealed class PreprocessHandler(
             }
 
             report = Report(preparedId, build, recipe, dataset);
-            await WriteJsonAsync(datasets, folder + "stats.json", JsonSerializer.SerializeToUtf8Bytes(build.Stats, PreprocessJson.Default.PreparedStats), cancellationToken);
-            await WriteJsonAsync(datasets, folder + "report.json", JsonSerializer.SerializeToUtf8Bytes(report, PreprocessJson.Default.ValidationReport), cancellationToken);
+            await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "stats.json"), build.Stats, PreprocessJson.Default.PreparedStats, cancellationToken);
+            await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "report.json"), report, PreprocessJson.Default.ValidationReport, cancellationToken);
             var probe = tokenizer.Create();
             manifest = new PreparedManifest
             {
@@ -143,14 +141,14 @@ public sealed class PreprocessHandler(
                 CreatedAt = DateTimeOffset.UtcNow,
                 TimingsMs = new() { ["preprocess"] = Math.Round(clock.Elapsed.TotalMilliseconds, 1) },
             };
-            if (!await WriteOnceAsync(datasets, folder + "manifest.json", JsonSerializer.SerializeToUtf8Bytes(manifest, PreprocessJson.Default.PreparedManifest), cancellationToken))
+            if (!await BlobJson.WriteOnceAsync(datasets.GetBlobClient(folder + "manifest.json"), manifest, PreprocessJson.Default.PreparedManifest, cancellationToken))
             {
-                manifest = (await ReadAsync(datasets, folder + "manifest.json", PreprocessJson.Default.PreparedManifest, cancellationToken))!;
+                manifest = (await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "manifest.json"), PreprocessJson.Default.PreparedManifest, cancellationToken))!;
             }
         }
         else
         {
-            report = (await ReadAsync(datasets, folder + "report.json", PreprocessJson.Default.ValidationReport, cancellationToken))!;
+            report = (await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "report.json"), PreprocessJson.Default.ValidationReport, cancellationToken))!;
         }
 
         var wantsFineTune = request.Spec?.FineTune is { ValueKind: JsonValueKind.Object };
@@ -244,39 +242,5 @@ public sealed class PreprocessHandler(
             Stats = stats,
             IngestErrors = $"{StorageNames.Containers.Datasets}/{dataset.Errors}",
         };
-    }
-
-    private static async Task<T?> ReadAsync<T>(Azure.Storage.Blobs.BlobContainerClient container, string path, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> type, CancellationToken cancellationToken)
-        where T : class
-    {
-        try
-        {
-            var content = await container.GetBlobClient(path).DownloadContentAsync(cancellationToken);
-            return JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, type);
-        }
-        catch (RequestFailedException e) when (e.Status == 404)
-        {
-            return null;
-        }
-    }
-
-    private static Task WriteJsonAsync(Azure.Storage.Blobs.BlobContainerClient container, string path, byte[] json, CancellationToken cancellationToken) =>
-        container.GetBlobClient(path).UploadAsync(new BinaryData(json), new BlobUploadOptions { HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" } }, cancellationToken);
-
-    private static async Task<bool> WriteOnceAsync(Azure.Storage.Blobs.BlobContainerClient container, string path, byte[] json, CancellationToken cancellationToken)
-    {
-        try
-        {
-            await container.GetBlobClient(path).UploadAsync(new BinaryData(json), new BlobUploadOptions
-            {
-                Conditions = new BlobRequestConditions { IfNoneMatch = ETag.All },
-                HttpHeaders = new BlobHttpHeaders { ContentType = "application/json" },
-            }, cancellationToken);
-            return true;
-        }
-        catch (RequestFailedException e) when (e.Status is 409 or 412)
-        {
-            return false;
-        }
     }
 }

@@ -65,15 +65,7 @@ public sealed class RunStore(StorageClients storage)
     public async Task<Preprocessing.PreparedStats?> ReadStatsAsync(string path, CancellationToken cancellationToken = default)
     {
         var slash = path.IndexOf('/');
-        try
-        {
-            var content = await storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]).DownloadContentAsync(cancellationToken);
-            return System.Text.Json.JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, Preprocessing.PreprocessJson.Default.PreparedStats);
-        }
-        catch (RequestFailedException e) when (e.Status == 404)
-        {
-            return null;
-        }
+        return await BlobJson.ReadAsync(storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]), Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken);
     }
 
     public async Task<List<RunRecord>> ListAsync(string? status = null, int max = 1000, CancellationToken cancellationToken = default)
