@@ -1,5 +1,3 @@
-using System.Text;
-
 namespace Pipeline.Ingestion;
 
 /// <summary>What <see cref="FormatDetector"/> decided, and why.</summary>
@@ -310,6 +308,4 @@ public static class FormatDetector
 
         return lines;
     }
-
-    internal static string Describe(IReadOnlyList<string> values) => string.Join(", ", values.Select(v => Encoding.UTF8.GetByteCount(v) > 40 ? v[..37] + "..." : v));
 }

@@ -374,4 +374,17 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
         var phrases = await PrepareAsync(pipeline, "order.jsonl", content, """{"preprocess":{"validationFraction":0,"dedup":{"mode":"near","shingle":3,"permutations":64,"threshold":0.9}}}""");
         Assert.Equal(0, phrases.Stats!.NearDuplicatesRemoved);
     }
+
+    [Theory]
+    [InlineData("""{"unicode":"NFKC"}""", "fine day")]
+    [InlineData("""{"unicode":"NFC"}""", "\ufb01ne day")]
+    [InlineData("""{"unicode":"none","collapseWhitespace":false}""", "\ufb01ne   day")]
+    public async Task Each_normalization_option_shapes_the_text(string normalize, string expected)
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var result = await PrepareAsync(pipeline, "forms.jsonl", "{\"text\":\"\ufb01ne   day\"}\n",
+            "{\"preprocess\":{\"validationFraction\":0,\"normalize\":" + normalize + "}}");
+        var tokenizer = await TokenizerAsync(new TokenizerSpec());
+        Assert.Equal(tokenizer.Encode(expected, []), result.Train.Single().Ids);
+    }
 }
