@@ -142,4 +142,60 @@ public static class MoreCommands
         });
         return command;
     }
+
+    public static Command Models()
+    {
+        var command = new Command("models", "List registered models (every models/<id>/model.json), newest first.");
+        command.SetAction(async (parse, ct) =>
+        {
+            var models = await new Pipeline.Models.ModelRegistry(CliOptions.Storage(parse)).ListAsync(ct);
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(models, Pipeline.Models.ModelJson.Default.ListModelManifest);
+                return CliOptions.ExitCodes.Succeeded;
+            }
+
+            var table = new Table().AddColumns("Model", "Task", "Labels", "Output", "Vocabulary", "Metrics", "Lineage");
+            foreach (var m in models)
+            {
+                table.AddRow(m.ModelId, m.Task, Markup.Escape(string.Join(", ", m.Labels)), m.Output, m.VocabularySize.ToString("N0"),
+                    Markup.Escape(string.Join(", ", (m.Lineage.Metrics ?? []).Select(x => $"{x.Key} {x.Value:N3}"))),
+                    Markup.Escape(m.Lineage.PreparedId ?? m.Lineage.Source ?? m.Lineage.BaseModel ?? ""));
+            }
+
+            AnsiConsole.Write(table);
+            return CliOptions.ExitCodes.Succeeded;
+        });
+        command.Subcommands.Add(RegisterModel());
+        return command;
+    }
+
+    /// <summary><c>pipeline models register &lt;folder&gt;</c>: a Hugging Face export already uploaded under models/.</summary>
+    private static Command RegisterModel()
+    {
+        var folder = new Argument<string>("folder") { Description = "The folder in the models container, e.g. my-minilm (holding model.onnx or onnx/model.onnx, config.json, vocab.txt or tokenizer.json)." };
+        var command = new Command("register", "Register a model folder exported by Hugging Face tools: derive its model.json from its files and graph.") { folder };
+        command.SetAction(async (parse, ct) =>
+        {
+            try
+            {
+                var manifest = await new Pipeline.Models.ModelRegistry(CliOptions.Storage(parse)).RegisterHuggingFaceFolderAsync(parse.GetValue(folder)!, ct);
+                if (CliOptions.Json(parse))
+                {
+                    CliOptions.WriteJson(new List<Pipeline.Models.ModelManifest> { manifest }, Pipeline.Models.ModelJson.Default.ListModelManifest);
+                }
+                else
+                {
+                    AnsiConsole.MarkupLineInterpolated($"Registered [bold]{manifest.ModelId}[/]: {manifest.Task}, output {manifest.Output}, {manifest.VocabularySize:N0} tokens.");
+                }
+
+                return CliOptions.ExitCodes.Succeeded;
+            }
+            catch (Pipeline.Models.ModelRejectedException e)
+            {
+                return CliOptions.Fail(e.Message, CliOptions.ExitCodes.UsageError);
+            }
+        });
+        return command;
+    }
 }

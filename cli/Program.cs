@@ -11,6 +11,7 @@ root.Subcommands.Add(RunsCommands.Poison());
 root.Subcommands.Add(MoreCommands.Events());
 root.Subcommands.Add(MoreCommands.Cancel());
 root.Subcommands.Add(MoreCommands.Datasets());
+root.Subcommands.Add(MoreCommands.Models());
 root.Subcommands.Add(LocalCommands.Up());
 root.Subcommands.Add(LocalCommands.Down());
 root.Subcommands.Add(LocalCommands.Artifacts());

@@ -113,21 +113,8 @@ public static class PipelineApi
     private static async Task<IResult> ListDatasetsAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await DatasetCatalog.ListAsync(storage, ct), ViewJson.Default.ListDatasetView);
 
-    private static async Task<IResult> ListModelsAsync(StorageClients storage, CancellationToken ct)
-    {
-        // Models arrive with the fine-tuning stage; the route and its shape are stable already.
-        var models = new List<JsonElement>();
-        await foreach (var blob in storage.Container(StorageNames.Containers.Models).GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, null, ct))
-        {
-            if (blob.Name.EndsWith("/model.json", StringComparison.Ordinal) && blob.Name.Count(c => c == '/') == 1)
-            {
-                var content = await storage.Container(StorageNames.Containers.Models).GetBlobClient(blob.Name).DownloadContentAsync(ct);
-                models.Add(JsonDocument.Parse(content.Value.Content.ToString()).RootElement.Clone());
-            }
-        }
-
-        return Results.Json(models);
-    }
+    private static async Task<IResult> ListModelsAsync(StorageClients storage, CancellationToken ct) =>
+        Results.Json(await new Pipeline.Models.ModelRegistry(storage).ListAsync(ct), Pipeline.Models.ModelJson.Default.ListModelManifest);
 
     private static IResult RunNotFound(string runId) =>
         Problem(404, "run-not-found", "No such run", $"There is no run '{runId}'. List runs with GET /api/runs.");

@@ -123,6 +123,11 @@ public sealed class CliTests : IAsyncLifetime
         Assert.Equal(0, poison.ExitCode);
         Assert.Equal(JsonValueKind.Array, JsonDocument.Parse(poison.Output).RootElement.ValueKind);
 
+        var refused = await PipelineAsync("models", "register", "no-such-folder");
+        Assert.Equal(2, refused.ExitCode);
+        Assert.Contains("no model.onnx", refused.Output + refused.Error);
+        Assert.Equal(JsonValueKind.Array, JsonDocument.Parse((await PipelineAsync("models", "-o", "json")).Output).RootElement.ValueKind);
+
         var help = await PipelineAsync("--help");
         Assert.Equal(0, help.ExitCode);
         Assert.Contains("submit", help.Output);
