@@ -27,18 +27,7 @@ public sealed class HttpApiTests : IAsyncLifetime
         _pipeline = new TestPipeline(_azurite);
         // Without the blob watcher, so that runs start only through the API under test.
         _host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
-        _http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{_host.Port}") };
-        await Eventually.ReturnsAsync(async () =>
-        {
-            try
-            {
-                return (await _http.GetAsync("/")).IsSuccessStatusCode ? "up" : null;
-            }
-            catch (HttpRequestException)
-            {
-                return null;
-            }
-        }, TimeSpan.FromSeconds(60), "the handler to listen", () => _host.Output);
+        _http = await _host.WaitUntilListeningAsync();
     }
 
     public async Task DisposeAsync()

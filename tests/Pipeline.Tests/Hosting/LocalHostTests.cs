@@ -70,18 +70,7 @@ public sealed class LocalHostTests : IAsyncLifetime
     {
         // Without the blob watcher: this test plays the host and delivers the event itself.
         using var host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
-        using var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{host.Port}") };
-        await Eventually.ReturnsAsync(async () =>
-        {
-            try
-            {
-                return (await http.GetAsync("/")).IsSuccessStatusCode ? "up" : null;
-            }
-            catch (HttpRequestException)
-            {
-                return null;
-            }
-        }, Patience, "the handler to listen", () => host.Output);
+        using var http = await host.WaitUntilListeningAsync();
 
         var name = "contract.jsonl";
         var runId = await UploadAsync(name, "{\"text\":\"through the contract\"}\n");

@@ -55,6 +55,24 @@ public sealed class LocalHostProcess : IDisposable
 
     public bool HasExited => _process.HasExited;
 
+    /// <summary>Waits until the handler answers HTTP (the local host starts its listeners after that).</summary>
+    public async Task<HttpClient> WaitUntilListeningAsync()
+    {
+        var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{Port}") };
+        await Eventually.ReturnsAsync(async () =>
+        {
+            try
+            {
+                return (await http.GetAsync("/")).IsSuccessStatusCode ? "up" : null;
+            }
+            catch (HttpRequestException)
+            {
+                return null;
+            }
+        }, TimeSpan.FromSeconds(60), "the handler to listen", () => Output);
+        return http;
+    }
+
     /// <summary>Kills the host at once, as a crash or a scale-in would.</summary>
     public void Kill()
     {
