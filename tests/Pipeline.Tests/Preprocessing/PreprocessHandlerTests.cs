@@ -379,6 +379,7 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
     [InlineData("""{"unicode":"NFKC"}""", "fine day")]
     [InlineData("""{"unicode":"NFC"}""", "\ufb01ne day")]
     [InlineData("""{"unicode":"none","collapseWhitespace":false}""", "\ufb01ne   day")]
+    [InlineData("""{"stripControl":false,"collapseWhitespace":false}""", "\ufb01ne   day")]
     public async Task Each_normalization_option_shapes_the_text(string normalize, string expected)
     {
         using var pipeline = new TestPipeline(azurite);
@@ -386,5 +387,31 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
             "{\"preprocess\":{\"validationFraction\":0,\"normalize\":" + normalize + "}}");
         var tokenizer = await TokenizerAsync(new TokenizerSpec());
         Assert.Equal(tokenizer.Encode(expected, []), result.Train.Single().Ids);
+    }
+
+    [Fact]
+    public async Task Control_characters_are_kept_only_when_asked()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var tokenizer = await TokenizerAsync(new TokenizerSpec());
+        const string content = "{\"text\":\"bell\\u0007 here\"}\n";
+        var stripped = await PrepareAsync(pipeline, "bell.jsonl", content, """{"preprocess":{"validationFraction":0}}""");
+        Assert.Equal(tokenizer.Encode("bell here", []), stripped.Train.Single().Ids);
+        var kept = await PrepareAsync(pipeline, "bell.jsonl", content, """{"preprocess":{"validationFraction":0,"normalize":{"stripControl":false}}}""");
+        Assert.Equal(tokenizer.Encode("bell\u0007 here", []), kept.Train.Single().Ids);
+    }
+
+    [Fact]
+    public async Task A_cased_wordpiece_vocabulary_keeps_case_when_lowercase_is_off()
+    {
+        await UploadBertAsync();
+        using var pipeline = new TestPipeline(azurite);
+        var cased = await PrepareAsync(pipeline, "case.jsonl", "{\"text\":\"Hello\"}\n",
+            """{"preprocess":{"validationFraction":0,"tokenizer":{"kind":"wordpiece","files":"models/bert-base-uncased/","lowercase":false}}}""");
+        var uncased = await PrepareAsync(pipeline, "case.jsonl", "{\"text\":\"Hello\"}\n",
+            """{"preprocess":{"validationFraction":0,"tokenizer":{"kind":"wordpiece","files":"models/bert-base-uncased/"}}}""");
+        Assert.Equal([101, 7592, 102], uncased.Train.Single().Ids);
+        Assert.NotEqual(uncased.Train.Single().Ids, cased.Train.Single().Ids);
+        Assert.NotEqual(uncased.Manifest!.TokenizerFingerprint, cased.Manifest!.TokenizerFingerprint);
     }
 }
