@@ -19,38 +19,53 @@ public static class QueueFunctions
     /// <summary>Where invalid Service Bus commands are recorded (partition of the poisonmessages table).</summary>
     public const string ServiceBusCommands = "servicebus-commands";
 
+    private delegate Task Handler(IServiceProvider services, string message, InvocationRequest invocation, CancellationToken cancellationToken);
+
+    /// <summary>
+    /// A function: its trigger source (a queue, or the Service Bus label), the storage queue a busy delivery
+    /// is put back on, and the stage handler it maps to.
+    /// </summary>
+    private sealed record QueueFunction(string Name, string Source, string RetryQueue, Handler Handle);
+
+    private static readonly QueueFunction[] Functions =
+    [
+        new("Ingest", StorageNames.Queues.BlobCreated, StorageNames.Queues.BlobCreated,
+            (services, message, invocation, ct) => services.GetRequiredService<IngestHandler>().HandleBlobCreatedAsync(message, invocation.GetDequeueCount(), ct)),
+        new("Commands", StorageNames.Queues.Commands, StorageNames.Queues.Commands,
+            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDequeueCount(), ct)),
+        // Service Bus commands take the storage commands' path; a busy one waits on the storage commands queue.
+        new("CommandsServiceBus", ServiceBusCommands, StorageNames.Queues.Commands,
+            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDeliveryCount(), ct)),
+        new("Preprocess", StorageNames.Queues.Preprocess, StorageNames.Queues.Preprocess,
+            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().PreprocessAsync(message, invocation.GetDequeueCount(), ct)),
+        Poison("IngestPoison", StorageNames.Queues.BlobCreated),
+        Poison("CommandsPoison", StorageNames.Queues.Commands),
+        Poison("PreprocessPoison", StorageNames.Queues.Preprocess),
+    ];
+
+    /// <summary>The queue-triggered functions this app serves and the queue each one's function.json must name.</summary>
+    public static readonly IReadOnlyDictionary<string, string> Triggers =
+        Functions.Where(f => f.Source != ServiceBusCommands).ToDictionary(f => f.Name, f => f.Source);
+
     public static void MapQueueFunctions(this WebApplication app)
     {
-        app.MapQueueFunction("Ingest", StorageNames.Queues.BlobCreated,
-            (services, message, invocation, ct) => services.GetRequiredService<IngestHandler>().HandleBlobCreatedAsync(message, invocation.GetDequeueCount(), ct));
-        app.MapQueueFunction("Commands", StorageNames.Queues.Commands,
-            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDequeueCount(), ct));
-        // Service Bus commands: the host's serviceBusTrigger hands the message body to the same router.
-        app.MapQueueFunction("CommandsServiceBus", ServiceBusCommands,
-            (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDeliveryCount(), ct));
-        app.MapQueueFunction("Preprocess", StorageNames.Queues.Preprocess,
-            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().PreprocessAsync(message, invocation.GetDequeueCount(), ct));
-        app.MapQueueFunction("IngestPoison", StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated),
-            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.BlobCreated, message, invocation.GetMetadataText("Id"), ct));
-        app.MapQueueFunction("CommandsPoison", StorageNames.Queues.Poison(StorageNames.Queues.Commands),
-            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.Commands, message, invocation.GetMetadataText("Id"), ct));
-        app.MapQueueFunction("PreprocessPoison", StorageNames.Queues.Poison(StorageNames.Queues.Preprocess),
-            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(StorageNames.Queues.Preprocess, message, invocation.GetMetadataText("Id"), ct));
+        foreach (var function in Functions)
+        {
+            app.MapQueueFunction(function);
+        }
     }
 
-    /// <summary>The functions this app serves and the queue each one's function.json must name.</summary>
-    public static readonly IReadOnlyDictionary<string, string> Triggers = new Dictionary<string, string>
+    /// <summary>The handler of <c>&lt;queue&gt;-poison</c>: records the message with its run's last error.</summary>
+    private static QueueFunction Poison(string name, string sourceQueue)
     {
-        ["Ingest"] = StorageNames.Queues.BlobCreated,
-        ["Commands"] = StorageNames.Queues.Commands,
-        ["IngestPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated),
-        ["CommandsPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.Commands),
-        ["Preprocess"] = StorageNames.Queues.Preprocess,
-        ["PreprocessPoison"] = StorageNames.Queues.Poison(StorageNames.Queues.Preprocess),
-    };
+        var poisonQueue = StorageNames.Queues.Poison(sourceQueue);
+        return new(name, poisonQueue, poisonQueue,
+            (services, message, invocation, ct) => services.GetRequiredService<FailedMessages>().RecordPoisonAsync(sourceQueue, message, invocation.GetMetadataText("Id"), ct));
+    }
 
-    private static void MapQueueFunction(this WebApplication app, string name, string queue, Func<IServiceProvider, string, InvocationRequest, CancellationToken, Task> handle)
+    private static void MapQueueFunction(this WebApplication app, QueueFunction function)
     {
+        var (name, queue, retryQueue, handle) = function;
         app.MapPost($"/{name}", async (HttpContext http, IServiceProvider services, ILoggerFactory loggers, CancellationToken ct) =>
         {
             var logger = loggers.CreateLogger($"Function.{name}");
@@ -70,7 +85,7 @@ public static class QueueFunctions
             catch (RunBusyException e)
             {
                 // Not a failure: put the message back for later, without spending a delivery attempt.
-                await services.GetRequiredService<StorageClients>().Queue(queue).SendMessageAsync(message, RunLease.RetryAfter, cancellationToken: ct);
+                await services.GetRequiredService<StorageClients>().Queue(retryQueue).SendMessageAsync(message, RunLease.RetryAfter, cancellationToken: ct);
                 return Respond(StatusCodes.Status200OK, $"{name}: {e.Message}");
             }
             catch (InvalidMessageException e)
