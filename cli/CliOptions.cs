@@ -50,6 +50,10 @@ public static class CliOptions
         return StorageClients.FromConfiguration(configuration, QueueMessageEncoding.Base64);
     }
 
+    /// <summary>The run event store, as the CLI uses it (no logging).</summary>
+    public static Pipeline.Messaging.RunEvents Events(StorageClients storage) =>
+        new(storage, Microsoft.Extensions.Logging.Abstractions.NullLogger<Pipeline.Messaging.RunEvents>.Instance);
+
     public static bool Json(ParseResult parse) => parse.GetValue(Output) == "json";
 
     public static void WriteJson<T>(T value, JsonTypeInfo<T> type) => Console.Out.WriteLine(JsonSerializer.Serialize(value, type));

@@ -19,7 +19,7 @@ public static class MoreCommands
         {
             var storage = CliOptions.Storage(parse);
             var runs = new RunStore(storage);
-            var events = new RunEvents(storage, Microsoft.Extensions.Logging.Abstractions.NullLogger<RunEvents>.Instance);
+            var events = CliOptions.Events(storage);
             var id = parse.GetValue(runId)!;
             if (await runs.GetAsync(id, ct) is null)
             {
@@ -69,7 +69,7 @@ public static class MoreCommands
         command.SetAction(async (parse, ct) =>
         {
             var storage = CliOptions.Storage(parse);
-            var transitions = new RunTransitions(new RunStore(storage), new RunEvents(storage, Microsoft.Extensions.Logging.Abstractions.NullLogger<RunEvents>.Instance));
+            var transitions = new RunTransitions(new RunStore(storage), CliOptions.Events(storage), storage);
             var id = parse.GetValue(runId)!;
             var run = await transitions.CancelAsync(id, parse.GetValue(reason), ct);
             if (run is null)

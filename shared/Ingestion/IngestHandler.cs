@@ -106,21 +106,15 @@ public sealed class IngestHandler(
     {
         var source = $"{request.Container}/{request.Blob}";
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = request.RunId, ["Source"] = source });
-        var run = await runs.GetOrCreateAsync(new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest }, cancellationToken);
-        if (IsDone(run))
+        var initial = new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest };
+        await using var lease = await transitions.ClaimAsync(initial, Stages.Ingest, dequeueCount, also: null, cancellationToken);
+        if (lease is null)
         {
-            logger.LogInformation("Run {RunId} already ingested ({Status}); nothing to do", run.RunId, run.Status);
-            return;
-        }
-
-        await using var lease = await RunLease.AcquireAsync(storage, request.RunId, Stages.Ingest, cancellationToken);
-        if (IsDone(await runs.GetAsync(request.RunId, cancellationToken) ?? run))
-        {
+            logger.LogInformation("Run {RunId} is already ingested or has ended; nothing to do", request.RunId);
             return;
         }
 
         var clock = Stopwatch.StartNew();
-        await transitions.StartAsync(run.RunId, Stages.Ingest, dequeueCount, cancellationToken: cancellationToken);
 
         try
         {
@@ -144,9 +138,6 @@ public sealed class IngestHandler(
             throw;
         }
     }
-
-    private static bool IsDone(RunRecord run) =>
-        run.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded || RunStatus.IsFinal(run.Status);
 
     private async Task RunIngestionAsync(IngestRequest request, Stopwatch clock, CancellationToken cancellationToken)
     {

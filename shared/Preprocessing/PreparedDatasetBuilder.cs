@@ -69,7 +69,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         await using var train = new ShardWriter(output, folder, "train", recipe.ShardRecords, options.UploadBlockBytes);
         await using var validation = new ShardWriter(output, folder, "validation", recipe.ShardRecords, options.UploadBlockBytes);
         var packBuffers = new[] { new List<int>(), new List<int>() };
-        var endOfText = tokenizers.Create().EndOfText;
+        var endOfText = tokenizers.Probe.EndOfText;
 
         using var reader = new LineReader(records, int.MaxValue / 4);
         // Two batches in flight: while one is committed in record order (dedup, split, shard writes), the

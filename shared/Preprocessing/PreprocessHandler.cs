@@ -31,21 +31,15 @@ public sealed class PreprocessHandler(
     public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
     {
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = runId, ["DatasetId"] = request.DatasetId });
-        var run = await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"dataset:{request.DatasetId}", DatasetId = request.DatasetId, Stage = Stages.Preprocess }, cancellationToken);
-        if (IsDone(run))
+        var initial = new RunRecord { RunId = runId, Source = $"dataset:{request.DatasetId}", DatasetId = request.DatasetId, Stage = Stages.Preprocess };
+        await using var lease = await transitions.ClaimAsync(initial, Stages.Preprocess, dequeueCount, r => r.DatasetId = request.DatasetId, cancellationToken);
+        if (lease is null)
         {
-            logger.LogInformation("Run {RunId} already preprocessed ({Status}); nothing to do", runId, run.Status);
-            return;
-        }
-
-        await using var lease = await RunLease.AcquireAsync(storage, runId, Stages.Preprocess, cancellationToken);
-        if (IsDone(await runs.GetAsync(runId, cancellationToken) ?? run))
-        {
+            logger.LogInformation("Run {RunId} is already preprocessed or has ended; nothing to do", runId);
             return;
         }
 
         var clock = Stopwatch.StartNew();
-        await transitions.StartAsync(runId, Stages.Preprocess, dequeueCount, r => r.DatasetId = request.DatasetId, cancellationToken);
 
         try
         {
@@ -66,9 +60,6 @@ public sealed class PreprocessHandler(
             throw;
         }
     }
-
-    private static bool IsDone(RunRecord run) =>
-        run.GetStages().GetValueOrDefault(Stages.Preprocess) == RunStatus.Succeeded || RunStatus.IsFinal(run.Status);
 
     private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
     {
@@ -119,7 +110,7 @@ public sealed class PreprocessHandler(
             report = Report(preparedId, build, recipe, dataset);
             await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "stats.json"), build.Stats, PreprocessJson.Default.PreparedStats, cancellationToken);
             await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "report.json"), report, PreprocessJson.Default.ValidationReport, cancellationToken);
-            var probe = tokenizer.Create();
+            var probe = tokenizer.Probe;
             manifest = new PreparedManifest
             {
                 PreparedId = preparedId,

@@ -50,7 +50,13 @@ public sealed class TokenizerSource
         Spec = spec;
         _files = files;
         Fingerprint = fingerprint;
+        _probe = new Lazy<TextTokenizer>(Create);
     }
+
+    private readonly Lazy<TextTokenizer> _probe;
+
+    /// <summary>One instance built once, for reading the special token ids (not for tokenizing from several threads).</summary>
+    public TextTokenizer Probe => _probe.Value;
 
     public TokenizerSpec Spec { get; }
 
@@ -103,7 +109,7 @@ public sealed class TokenizerSource
         var source = new TokenizerSource(spec, files, fingerprint.ToString());
         try
         {
-            source.Create();
+            _ = source.Probe;
         }
         catch (Exception e) when (e is not PreprocessingRejectedException)
         {

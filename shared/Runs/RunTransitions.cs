@@ -1,10 +1,47 @@
 using Pipeline.Messaging;
+using Pipeline.Storage;
 
 namespace Pipeline.Runs;
 
 /// <summary>The run transitions every stage makes, each saved and published as a CloudEvent.</summary>
-public sealed class RunTransitions(RunStore runs, RunEvents events)
+public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClients storage)
 {
+    /// <summary>
+    /// Takes a run's stage for this delivery. Null when the stage is done already (or the run ended):
+    /// there is nothing to do. Otherwise the run is marked started and the stage's lease is returned
+    /// (dispose it when the stage ends). Throws <see cref="RunBusyException"/> when another instance holds it.
+    /// </summary>
+    public async Task<RunLease?> ClaimAsync(RunRecord initial, string stage, int attempt, Action<RunRecord>? also, CancellationToken cancellationToken)
+    {
+        var run = await runs.GetOrCreateAsync(initial, cancellationToken);
+        if (IsDone(run, stage))
+        {
+            return null;
+        }
+
+        var lease = await RunLease.AcquireAsync(storage, initial.RunId, stage, cancellationToken);
+        try
+        {
+            // Another instance may have finished the stage between the first look and the lease.
+            if (IsDone(await runs.GetAsync(initial.RunId, cancellationToken) ?? run, stage))
+            {
+                await lease.DisposeAsync();
+                return null;
+            }
+
+            await StartAsync(initial.RunId, stage, attempt, also, cancellationToken);
+            return lease;
+        }
+        catch
+        {
+            await lease.DisposeAsync();
+            throw;
+        }
+    }
+
+    public static bool IsDone(RunRecord run, string stage) =>
+        run.GetStages().GetValueOrDefault(stage) == RunStatus.Succeeded || RunStatus.IsFinal(run.Status);
+
     /// <summary>The stage starts (or restarts on a redelivery).</summary>
     public async Task<RunRecord> StartAsync(string runId, string stage, int attempt, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
