@@ -23,7 +23,8 @@ builder.Services
     .AddPipelineStorage(builder.Configuration)
     .AddPipelineRuns()
     .AddIngestion(builder.Configuration)
-    .AddPreprocessing(builder.Configuration);
+    .AddPreprocessing(builder.Configuration)
+    .AddInference(builder.Configuration);
 
 if (local)
 {

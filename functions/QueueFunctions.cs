@@ -38,9 +38,15 @@ public static class QueueFunctions
             (services, message, invocation, ct) => services.GetRequiredService<CommandRouter>().HandleAsync(message, invocation.GetDeliveryCount(), ct)),
         new("Preprocess", StorageNames.Queues.Preprocess, StorageNames.Queues.Preprocess,
             (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().PreprocessAsync(message, invocation.GetDequeueCount(), ct)),
+        new("Inference", StorageNames.Queues.Inference, StorageNames.Queues.Inference,
+            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().InferenceAsync(message, invocation.GetDequeueCount(), ct)),
+        new("InferenceShard", StorageNames.Queues.InferenceShard, StorageNames.Queues.InferenceShard,
+            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().InferenceShardAsync(message, invocation.GetDequeueCount(), ct)),
         Poison("IngestPoison", StorageNames.Queues.BlobCreated),
         Poison("CommandsPoison", StorageNames.Queues.Commands),
         Poison("PreprocessPoison", StorageNames.Queues.Preprocess),
+        Poison("InferencePoison", StorageNames.Queues.Inference),
+        Poison("InferenceShardPoison", StorageNames.Queues.InferenceShard),
     ];
 
     /// <summary>The queue-triggered functions this app serves and the queue each one's function.json must name.</summary>

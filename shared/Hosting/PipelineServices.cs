@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Pipeline.Inference;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
 using Pipeline.Preprocessing;
@@ -41,6 +42,14 @@ public static class PipelineServices
         services.Configure<PreprocessingOptions>(configuration.GetSection(PreprocessingOptions.Section));
         services.AddSingleton<PreprocessHandler>();
         services.AddSingleton<StageMessages>();
+        return services;
+    }
+
+    public static IServiceCollection AddInference(this IServiceCollection services, IConfiguration configuration)
+    {
+        services.Configure<InferenceSettings>(configuration.GetSection(InferenceSettings.Section));
+        services.AddSingleton<ModelSessions>();
+        services.AddSingleton<InferenceHandler>();
         return services;
     }
 }

@@ -29,6 +29,10 @@ public static class MessageTypes
     public const string Preprocess = "preprocess";
     public const string FineTune = "finetune";
     public const string Cancel = "cancel";
+    public const string Inference = "inference";
+    public const string Infer = "infer";
+    public const string InferenceShard = "inference-shard";
+    public const string RetryFailed = "retry-failed";
 }
 
 /// <summary>Body of an <c>ingest</c> command: a blob already in the account, and optionally a run spec.</summary>

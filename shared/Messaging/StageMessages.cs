@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization.Metadata;
+using Pipeline.Inference;
 using Pipeline.Ingestion;
 using Pipeline.Preprocessing;
 using Pipeline.Runs;
@@ -11,7 +12,7 @@ namespace Pipeline.Messaging;
 /// Opens the envelopes of stage messages (and of the matching commands) and hands their bodies to the
 /// stage handlers. A message that cannot be read is invalid for good, never retried.
 /// </summary>
-public sealed class StageMessages(PreprocessHandler preprocess)
+public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler inference)
 {
     public Task PreprocessAsync(string message, int dequeueCount, CancellationToken cancellationToken)
     {
@@ -38,6 +39,47 @@ public sealed class StageMessages(PreprocessHandler preprocess)
         }
 
         return preprocess.HandleAsync(body, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
+    }
+
+    public Task InferenceAsync(string message, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var envelope = Open(message, MessageTypes.Inference);
+        return InferenceAsync(envelope, RunIds.ForMessage(StorageNames.Queues.Inference, message), dequeueCount, cancellationToken);
+    }
+
+    /// <summary>An inference message or <c>infer</c> command; a command without a run id gets one derived from its text.</summary>
+    public Task InferenceAsync(MessageEnvelope envelope, string fallbackRunId, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var body = Body(envelope, InferenceJson.Default.InferenceRequest);
+        if (string.IsNullOrWhiteSpace(body.ModelId) || string.IsNullOrWhiteSpace(body.Input))
+        {
+            throw new InvalidMessageException($"The {envelope.Type} message needs 'modelId' and 'input', for example {{\"modelId\":\"sentiment-v1\",\"input\":\"incoming/to-score.jsonl\"}}.");
+        }
+
+        return inference.HandleAsync(body, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
+    }
+
+    /// <summary>A <c>retry-failed</c> command: rescore the failed rows of a finished batch.</summary>
+    public Task RetryFailedAsync(MessageEnvelope envelope, string fallbackRunId, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var body = Body(envelope, InferenceJson.Default.RetryFailedCommand);
+        if (string.IsNullOrWhiteSpace(body.BatchId))
+        {
+            throw new InvalidMessageException("The retry-failed command needs 'batchId', for example {\"batchId\":\"bt-0123456789abcdef01234567\"}.");
+        }
+
+        return inference.RetryFailedAsync(body, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
+    }
+
+    public Task InferenceShardAsync(string message, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var body = Body(Open(message, MessageTypes.InferenceShard), InferenceJson.Default.InferenceShardRequest);
+        if (string.IsNullOrWhiteSpace(body.BatchId))
+        {
+            throw new InvalidMessageException("The inference-shard message has no 'batchId'.");
+        }
+
+        return inference.HandleShardAsync(body, dequeueCount, cancellationToken);
     }
 
     public static MessageEnvelope Open(string message, string? expectedType = null)

@@ -145,7 +145,7 @@ public sealed class ModelRegistry(StorageClients storage)
     }
 
     /// <summary>Rows of the word-embedding table (the first 2-D initializer fed by a Gather of input_ids), when the graph has one.</summary>
-    private static long? EmbeddingRows(byte[] onnx)
+    public static long? EmbeddingRows(byte[] onnx)
     {
         var graph = ModelProto.Parser.ParseFrom(onnx).Graph;
         var gather = graph.Node.FirstOrDefault(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == ModelGenerator.InputIds);

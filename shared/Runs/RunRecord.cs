@@ -10,8 +10,10 @@ public static class RunStatus
     public const string Succeeded = "succeeded";
     public const string Failed = "failed";
     public const string Cancelled = "cancelled";
+    /// <summary>Finished, but some rows failed (batch inference): the run names the most common error.</summary>
+    public const string CompletedWithFailures = "completed_with_failures";
 
-    public static bool IsFinal(string status) => status is Succeeded or Failed or Cancelled;
+    public static bool IsFinal(string status) => status is Succeeded or Failed or Cancelled or CompletedWithFailures;
 }
 
 public static class Stages

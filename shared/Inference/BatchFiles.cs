@@ -1,0 +1,226 @@
+using System.Buffers;
+using System.Text;
+using System.Text.Json;
+using Azure.Storage.Blobs;
+using Azure.Storage.Blobs.Models;
+using Pipeline.Models;
+using Pipeline.Storage;
+
+namespace Pipeline.Inference;
+
+/// <summary>
+/// The layout of <c>outputs/&lt;batchId&gt;/</c> and the JSON Lines it holds:
+/// <c>batch.json</c> (written before any shard), <c>shards/NNNNN/{input,results,errors,ledger}.jsonl</c>,
+/// <c>done/NNNNN.json</c> (a shard's commit), <c>plan.json</c> (once the input is split), and the
+/// assembled <c>results.jsonl</c>, <c>errors.jsonl</c>, <c>ledger.jsonl</c> with <c>manifest.json</c> last.
+/// </summary>
+public sealed class BatchFiles(StorageClients storage, string batchId)
+{
+    public const string RowsMetadata = "rows";
+    public const string FailedMetadata = "failed";
+
+    public BlobContainerClient Container { get; } = storage.Container(StorageNames.Containers.Outputs);
+    public string BatchId { get; } = batchId;
+    public string Prefix => $"{BatchId}/";
+
+    public BlobClient Batch => Blob("batch.json");
+    public BlobClient Plan => Blob("plan.json");
+    public BlobClient Manifest => Blob("manifest.json");
+    public BlobClient Results => Blob("results.jsonl");
+    public BlobClient Errors => Blob("errors.jsonl");
+    public BlobClient Ledger => Blob("ledger.jsonl");
+
+    public BlobClient ShardInput(int shard) => Blob($"shards/{shard:D5}/input.jsonl");
+    public BlobClient ShardResults(int shard) => Blob($"shards/{shard:D5}/results.jsonl");
+    public BlobClient ShardErrors(int shard) => Blob($"shards/{shard:D5}/errors.jsonl");
+    public BlobClient ShardLedger(int shard) => Blob($"shards/{shard:D5}/ledger.jsonl");
+    public BlobClient Done(int shard) => Blob($"done/{shard:D5}.json");
+
+    public string PathOf(BlobClient blob) => $"{StorageNames.Containers.Outputs}/{blob.Name}";
+
+    private BlobClient Blob(string name) => Container.GetBlobClient(Prefix + name);
+
+    /// <summary>Finished shards: index, rows and failed rows, from the done markers' metadata (one listing call).</summary>
+    public async Task<List<(int Shard, long Rows, long Failed)>> ListDoneAsync(CancellationToken cancellationToken)
+    {
+        var done = new List<(int, long, long)>();
+        await foreach (var item in Container.GetBlobsAsync(BlobTraits.Metadata, BlobStates.None, Prefix + "done/", cancellationToken))
+        {
+            var name = Path.GetFileNameWithoutExtension(item.Name);
+            if (int.TryParse(name, out var shard))
+            {
+                done.Add((shard, Count(item.Metadata, RowsMetadata), Count(item.Metadata, FailedMetadata)));
+            }
+        }
+
+        return done;
+    }
+
+    private static long Count(IDictionary<string, string> metadata, string key) =>
+        metadata.TryGetValue(key, out var value) ? long.Parse(value, System.Globalization.CultureInfo.InvariantCulture) : 0;
+
+    public async Task<List<ShardInputRow>> ReadInputAsync(int shard, CancellationToken cancellationToken)
+    {
+        var rows = new List<ShardInputRow>();
+        await foreach (var line in ReadLinesAsync(ShardInput(shard), cancellationToken))
+        {
+            rows.Add(JsonSerializer.Deserialize(line, InferenceJson.Default.ShardInputRow)!);
+        }
+
+        return rows;
+    }
+
+    /// <summary>The lines of a JSON Lines blob (none when it does not exist).</summary>
+    public static async IAsyncEnumerable<string> ReadLinesAsync(BlobClient blob, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        Stream stream;
+        try
+        {
+            stream = (await blob.DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
+        }
+        catch (Azure.RequestFailedException e) when (e.Status == 404)
+        {
+            yield break;
+        }
+
+        using var reader = new StreamReader(stream, Encoding.UTF8);
+        while (await reader.ReadLineAsync(cancellationToken) is { } line)
+        {
+            if (line.Length > 0)
+            {
+                yield return line;
+            }
+        }
+    }
+
+    /// <summary>The <c>row</c> number a results, errors or ledger line starts with.</summary>
+    public static long RowOf(string line)
+    {
+        var reader = new Utf8JsonReader(Encoding.UTF8.GetBytes(line));
+        while (reader.Read())
+        {
+            if (reader.TokenType == JsonTokenType.PropertyName && reader.ValueTextEquals("row") && reader.Read())
+            {
+                return reader.GetInt64();
+            }
+        }
+
+        throw new FormatException($"A batch line has no row number: {line[..Math.Min(80, line.Length)]}");
+    }
+
+    /// <summary>Concatenates blobs into one, streaming, in the given order.</summary>
+    public static async Task ConcatenateAsync(IEnumerable<BlobClient> parts, BlobClient target, CancellationToken cancellationToken)
+    {
+        await using var output = await target.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = 8 * 1024 * 1024 }, cancellationToken);
+        foreach (var part in parts)
+        {
+            try
+            {
+                var download = await part.DownloadStreamingAsync(cancellationToken: cancellationToken);
+                await using var input = download.Value.Content;
+                await input.CopyToAsync(output, cancellationToken);
+            }
+            catch (Azure.RequestFailedException e) when (e.Status == 404)
+            {
+            }
+        }
+    }
+}
+
+/// <summary>Writes the JSON Lines of a shard: results, errors and the per-row ledger.</summary>
+public sealed class BatchLineWriter
+{
+    private readonly ArrayBufferWriter<byte> _buffer = new(1 << 16);
+    private readonly Utf8JsonWriter _json;
+
+    public BatchLineWriter() => _json = new Utf8JsonWriter(_buffer, new JsonWriterOptions { SkipValidation = true });
+
+    public BinaryData ToBinaryData() => new(_buffer.WrittenMemory.ToArray());
+
+    public void Result(ShardInputRow row, float[] values, ModelManifest model)
+    {
+        Start(row);
+        if (model.Task == ModelTasks.Classification)
+        {
+            var best = 0;
+            for (var i = 1; i < values.Length; i++)
+            {
+                best = values[i] > values[best] ? i : best;
+            }
+
+            _json.WriteString("label", LabelName(model, best));
+            _json.WritePropertyName("probabilities");
+            _json.WriteStartObject();
+            for (var i = 0; i < values.Length; i++)
+            {
+                _json.WriteNumber(LabelName(model, i), MathF.Round(values[i], 6));
+            }
+
+            _json.WriteEndObject();
+        }
+        else
+        {
+            _json.WritePropertyName("embedding");
+            _json.WriteStartArray();
+            foreach (var value in values)
+            {
+                _json.WriteNumberValue(value);
+            }
+
+            _json.WriteEndArray();
+        }
+
+        End();
+    }
+
+    public void Error(ShardInputRow row, string code, string error)
+    {
+        Start(row);
+        _json.WriteNumber("line", row.Line);
+        _json.WriteString("code", code);
+        _json.WriteString("error", error);
+        End();
+    }
+
+    public void LedgerEntry(ShardInputRow row, bool succeeded, int attempts, string? code, string? error)
+    {
+        Start(row);
+        _json.WriteString("status", succeeded ? "succeeded" : "failed");
+        _json.WriteNumber("attempts", attempts);
+        if (!succeeded)
+        {
+            _json.WriteString("code", code);
+            _json.WriteString("error", error);
+        }
+
+        End();
+    }
+
+    /// <summary>A line as it is (when merging a retry into a batch).</summary>
+    public void Raw(string line)
+    {
+        _json.Flush();
+        Encoding.UTF8.GetBytes(line, _buffer);
+        _buffer.Write("\n"u8);
+    }
+
+    private void Start(ShardInputRow row)
+    {
+        _json.Reset();
+        _json.WriteStartObject();
+        _json.WriteNumber("row", row.Row);
+        if (row.CustomId is not null)
+        {
+            _json.WriteString("custom_id", row.CustomId);
+        }
+    }
+
+    private void End()
+    {
+        _json.WriteEndObject();
+        _json.Flush();
+        _buffer.Write("\n"u8);
+    }
+
+    private static string LabelName(ModelManifest model, int index) => index < model.Labels.Count ? model.Labels[index] : index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+}
