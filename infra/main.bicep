@@ -130,6 +130,7 @@ var names = loadJsonContent('names.json')
 // Containers, queues and roles that have a fixed part in the flow (infra/lint.sh checks that each is
 // in names.json).
 var incomingContainer = 'incoming'
+var modelsContainer = 'models'
 var blobCreatedQueue = 'blob-created'
 var trainerReadContainers = [
   'datasets'
@@ -237,6 +238,7 @@ module eventGrid 'modules/eventgrid.bicep' = {
     systemTopicName: resourceNames.systemTopic
     storageAccountName: resourceNames.storage
     incomingContainerName: incomingContainer
+    modelsContainerName: modelsContainer
     blobCreatedQueueName: blobCreatedQueue
     eventTimeToLiveHours: 24
   }

@@ -1,6 +1,6 @@
 // Event Grid system topic on the storage account and a subscription that delivers
-// Microsoft.Storage.BlobCreated events for the "incoming" container into the "blob-created" storage
-// queue, so ingestion is queue-triggered like every other stage and blob contents never pass through
+// Microsoft.Storage.BlobCreated events for the "incoming" and "models" containers into the "blob-created"
+// storage queue (new data starts ingestion; a model folder dropped into "models" is registered), so ingestion is queue-triggered like every other stage and blob contents never pass through
 // the host. Events use the Event Grid schema, one event per queue message; Event Grid base64-encodes
 // queue messages, which matches the queue extension's default messageEncoding (base64).
 //
@@ -23,6 +23,9 @@ param storageAccountName string
 
 @description('Container whose new blobs start ingestion.')
 param incomingContainerName string
+
+@description('Container whose new model folders are registered.')
+param modelsContainerName string
 
 @description('Queue that receives the BlobCreated events.')
 param blobCreatedQueueName string
@@ -70,9 +73,9 @@ resource senderRole 'Microsoft.Authorization/roleAssignments@2022-04-01' = {
   }
 }
 
-resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = {
+resource subscriptions 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-02-15' = [for container in [incomingContainerName, modelsContainerName]: {
   parent: systemTopic
-  name: '${incomingContainerName}-to-${blobCreatedQueueName}'
+  name: '${container}-to-${blobCreatedQueueName}'
   dependsOn: [
     senderRole // the identity must be allowed to send before Event Grid validates the destination
   ]
@@ -95,7 +98,7 @@ resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-
       includedEventTypes: [
         'Microsoft.Storage.BlobCreated'
       ]
-      subjectBeginsWith: '/blobServices/default/containers/${incomingContainerName}/'
+      subjectBeginsWith: '/blobServices/default/containers/${container}/'
       enableAdvancedFilteringOnArrays: true
     }
     retryPolicy: {
@@ -103,7 +106,7 @@ resource subscription 'Microsoft.EventGrid/systemTopics/eventSubscriptions@2025-
       eventTimeToLiveInMinutes: eventTimeToLiveHours * 60
     }
   }
-}
+}]
 
 output systemTopicId string = systemTopic.id
-output eventSubscriptionName string = subscription.name
+output eventSubscriptionNames string[] = [for (container, i) in [incomingContainerName, modelsContainerName]: subscriptions[i].name]

@@ -9,8 +9,8 @@ using Pipeline.Storage;
 namespace Pipeline.Hosting;
 
 /// <summary>
-/// Local host mode's stand-in for the Event Grid subscription: each new blob version in <c>incoming</c>
-/// becomes one <c>Microsoft.Storage.BlobCreated</c> event on the <c>blob-created</c> queue. A receipt blob
+/// Local host mode's stand-in for the Event Grid subscriptions: each new blob version in <c>incoming</c>
+/// (data to ingest) and <c>models</c> (model folders to register) becomes one <c>Microsoft.Storage.BlobCreated</c> event on the <c>blob-created</c> queue. A receipt blob
 /// (created only if absent) makes several hosts watching one account enqueue each version once.
 /// </summary>
 public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInterval, ILogger logger)
@@ -19,45 +19,56 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
     private static readonly TimeSpan AbandonedReceipt = TimeSpan.FromMinutes(1);
     private readonly Dictionary<string, ETag> _handled = new(StringComparer.Ordinal);
 
+    /// <summary>The containers Event Grid delivers BlobCreated events for (see infra/modules/eventgrid.bicep).</summary>
+    public static readonly string[] WatchedContainers = [StorageNames.Containers.Incoming, StorageNames.Containers.Models];
+
     public async Task RunAsync(CancellationToken stopping)
     {
         var receipts = storage.Container(ReceiptsContainer);
         await receipts.CreateIfNotExistsAsync(cancellationToken: stopping);
-        var incoming = storage.Container(StorageNames.Containers.Incoming);
-        await incoming.CreateIfNotExistsAsync(cancellationToken: stopping);
+        var watched = WatchedContainers.Select(storage.Container).ToList();
+        foreach (var container in watched)
+        {
+            await container.CreateIfNotExistsAsync(cancellationToken: stopping);
+        }
+
         while (!stopping.IsCancellationRequested)
         {
-            try
+            foreach (var container in watched)
             {
-                await ScanAsync(incoming, receipts, stopping);
-            }
-            catch (Exception e) when (e is RequestFailedException or HttpRequestException && !stopping.IsCancellationRequested)
-            {
-                logger.LogWarning(e, "Scanning {Container} failed; retrying", incoming.Name);
+                try
+                {
+                    await ScanAsync(container, receipts, stopping);
+                }
+                catch (Exception e) when (e is RequestFailedException or HttpRequestException && !stopping.IsCancellationRequested)
+                {
+                    logger.LogWarning(e, "Scanning {Container} failed; retrying", container.Name);
+                }
             }
 
             await Task.Delay(scanInterval, stopping).ContinueWith(_ => { }, TaskScheduler.Default);
         }
     }
 
-    public async Task ScanAsync(BlobContainerClient incoming, BlobContainerClient receipts, CancellationToken cancellationToken)
+    public async Task ScanAsync(BlobContainerClient container, BlobContainerClient receipts, CancellationToken cancellationToken)
     {
-        await foreach (var blob in incoming.GetBlobsAsync(cancellationToken: cancellationToken))
+        await foreach (var blob in container.GetBlobsAsync(cancellationToken: cancellationToken))
         {
             var etag = blob.Properties.ETag ?? default;
-            if (_handled.TryGetValue(blob.Name, out var known) && known == etag)
+            var key = $"{container.Name}/{blob.Name}";
+            if (_handled.TryGetValue(key, out var known) && known == etag)
             {
                 continue;
             }
 
-            if (await ClaimAsync(receipts.GetBlobClient($"blobreceipts/{StorageNames.Queues.BlobCreated}/{etag.ToString().Trim('"')}/{blob.Name}"), cancellationToken) is { } claim)
+            if (await ClaimAsync(receipts.GetBlobClient($"blobreceipts/{StorageNames.Queues.BlobCreated}/{etag.ToString().Trim('"')}/{key}"), cancellationToken) is { } claim)
             {
-                await storage.Queue(StorageNames.Queues.BlobCreated).SendMessageAsync(EventFor(incoming, blob), cancellationToken);
+                await storage.Queue(StorageNames.Queues.BlobCreated).SendMessageAsync(EventFor(container, blob), cancellationToken);
                 await claim.SetMetadataAsync(new Dictionary<string, string> { ["status"] = "enqueued" }, cancellationToken: cancellationToken);
-                logger.LogInformation("New blob {Container}/{Blob}: BlobCreated event enqueued", incoming.Name, blob.Name);
+                logger.LogInformation("New blob {Container}/{Blob}: BlobCreated event enqueued", container.Name, blob.Name);
             }
 
-            _handled[blob.Name] = etag;
+            _handled[key] = etag;
         }
     }
 

@@ -34,6 +34,8 @@ public static class PipelineServices
     {
         services.Configure<IngestionOptions>(configuration.GetSection(IngestionOptions.Section));
         services.AddSingleton<IngestHandler>();
+        services.AddSingleton<Models.ModelRegistry>();
+        services.AddSingleton<Models.ModelDropHandler>();
         return services;
     }
 

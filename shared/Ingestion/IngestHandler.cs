@@ -26,6 +26,7 @@ public sealed class IngestHandler(
     RunTransitions transitions,
     QueueSender sender,
     BlobCopier copier,
+    Models.ModelDropHandler modelDrops,
     IOptions<IngestionOptions> options,
     ILogger<IngestHandler> logger)
 {
@@ -53,6 +54,12 @@ public sealed class IngestHandler(
         if (blobEvent is null || blobEvent.EventType != BlobCreatedEvent.EventTypeName || blobEvent.ParseSubject() is not { } target)
         {
             logger.LogInformation("Ignoring event {EventType} for {Subject}", blobEvent?.EventType, blobEvent?.Subject);
+            return;
+        }
+
+        if (target.Container == StorageNames.Containers.Models)
+        {
+            await modelDrops.HandleAsync(target.Blob, cancellationToken);
             return;
         }
 
