@@ -24,12 +24,19 @@ case "$MODE" in
     say "Submitting samples/reviews.txt (run spec: samples/reviews.pipeline.json)"
     status=0
     pipeline submit "$ROOT/samples/reviews.txt" --spec "$ROOT/samples/reviews.pipeline.json" --wait --timeout 300 || status=$?
-    if [[ $status -eq 0 ]]; then
-      say "Done. The dataset's records, errors and manifest are listed above (container/path in the storage account)."
-    else
+    if [[ $status -ne 0 ]]; then
       say "The run did not succeed (exit code $status); the host log is in $RUN_DIR/host.log"
+      exit "$status"
     fi
-    exit "$status"
+    say "Generating an embedding model (bag-of-embeddings over cl100k_base, seeded) and scoring samples/to-score.jsonl"
+    pipeline models generate demo-embedder --kind bag-of-embeddings --hidden 64
+    pipeline infer --model demo-embedder "$ROOT/samples/to-score.jsonl" --normalize --rows-per-shard 500 --wait --timeout 300 || status=$?
+    if [[ $status -ne 0 ]]; then
+      say "Scoring did not succeed (exit code $status); the host log is in $RUN_DIR/host.log"
+      exit "$status"
+    fi
+    print_batch_summary
+    say "Done. Every artifact is listed above as container/path in the storage account; 'pipeline artifacts <runId>' downloads them."
     ;;
   host)
     say "Starting Azurite (data in .azurite/) and the local host"

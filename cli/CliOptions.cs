@@ -37,6 +37,8 @@ public static class CliOptions
         public const int NotFound = 3;
         /// <summary>--wait gave up before the run ended.</summary>
         public const int TimedOut = 4;
+        /// <summary>The run finished but some rows failed (batch inference: completed_with_failures).</summary>
+        public const int CompletedWithFailures = 5;
     }
 
     public static StorageClients Storage(ParseResult parse)

@@ -143,6 +143,31 @@ public static class MoreCommands
         return command;
     }
 
+    public static Command Batches()
+    {
+        var command = new Command("batches", "List finished inference batches (every outputs/<batchId>/manifest.json), newest first, with their throughput.");
+        command.SetAction(async (parse, ct) =>
+        {
+            var batches = await Pipeline.Inference.BatchCatalog.ListAsync(CliOptions.Storage(parse), ct);
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(batches, Pipeline.Inference.InferenceJson.Default.ListInferenceManifest);
+                return CliOptions.ExitCodes.Succeeded;
+            }
+
+            var table = new Table().AddColumns("Batch", "Status", "Model", "Rows", "Failed", "Rows/s", "Padding", "Provider", "Results");
+            foreach (var b in batches)
+            {
+                table.AddRow(b.BatchId, b.Status, b.ModelId, b.Rows.ToString("N0"), b.Failed.ToString("N0"), b.RowsPerSecond.ToString("N0"), b.PaddingFraction.ToString("P1"),
+                    Markup.Escape(b.ExecutionProvider), Markup.Escape(b.Results));
+            }
+
+            AnsiConsole.Write(table);
+            return CliOptions.ExitCodes.Succeeded;
+        });
+        return command;
+    }
+
     public static Command Models()
     {
         var command = new Command("models", "List registered models (every models/<id>/model.json), newest first.");
@@ -167,6 +192,57 @@ public static class MoreCommands
             return CliOptions.ExitCodes.Succeeded;
         });
         command.Subcommands.Add(RegisterModel());
+        command.Subcommands.Add(GenerateModel());
+        return command;
+    }
+
+    /// <summary><c>pipeline models generate &lt;id&gt;</c>: a seeded model for demos, tests and benchmarks (no weights can be downloaded).</summary>
+    private static Command GenerateModel()
+    {
+        var id = new Argument<string>("modelId") { Description = "The new model's id (its folder in the models container)." };
+        var kind = new Option<string>("--kind") { Description = "bag-of-embeddings (fast; a base for fine-tuning) or bert (an encoder with Hugging Face's input and output names).", DefaultValueFactory = _ => Pipeline.Models.GeneratedModelSpec.BagOfEmbeddingsKind };
+        kind.AcceptOnlyFromAmong(Pipeline.Models.GeneratedModelSpec.BagOfEmbeddingsKind, Pipeline.Models.GeneratedModelSpec.BertKind);
+        var labels = new Option<string?>("--labels") { Description = "Comma-separated labels: makes a classification model with a seeded head (untrained: for plumbing, not predictions)." };
+        var hidden = new Option<int>("--hidden") { Description = "Embedding or encoder width (default 64; MiniLM is 384).", DefaultValueFactory = _ => 64 };
+        var layers = new Option<int>("--layers") { Description = "bert: encoder layers (default 6).", DefaultValueFactory = _ => 6 };
+        var heads = new Option<int>("--heads") { Description = "bert: attention heads (default 12; must divide --hidden).", DefaultValueFactory = _ => 12 };
+        var encoding = new Option<string>("--encoding") { Description = "The tiktoken encoding the model reads (default cl100k_base, the preprocessing default).", DefaultValueFactory = _ => "cl100k_base" };
+        encoding.AcceptOnlyFromAmong("cl100k_base", "o200k_base");
+        var seed = new Option<int>("--seed") { Description = "Weights seed (the same arguments give the same model).", DefaultValueFactory = _ => 1 };
+        var command = new Command("generate", "Generate a seeded ONNX model over a tiktoken encoding and register it (for demos, tests and benchmarks).") { id, kind, labels, hidden, layers, heads, encoding, seed };
+        command.SetAction(async (parse, ct) =>
+        {
+            var labelList = parse.GetValue(labels)?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).ToList() ?? [];
+            var spec = new Pipeline.Models.GeneratedModelSpec
+            {
+                Kind = parse.GetValue(kind)!,
+                Task = labelList.Count > 0 ? Pipeline.Models.ModelTasks.Classification : Pipeline.Models.ModelTasks.Embedding,
+                Labels = labelList,
+                Hidden = parse.GetValue(hidden),
+                Layers = parse.GetValue(layers),
+                Heads = parse.GetValue(heads),
+                Encoding = parse.GetValue(encoding)!,
+                Seed = parse.GetValue(seed),
+            };
+            if (spec.Hidden < 2 || (spec.Kind == Pipeline.Models.GeneratedModelSpec.BertKind && spec.Hidden % spec.Heads != 0) || labelList.Count == 1)
+            {
+                return CliOptions.Fail("--hidden must be at least 2 (and divisible by --heads for bert); --labels needs at least two labels.", CliOptions.ExitCodes.UsageError);
+            }
+
+            var storage = CliOptions.Storage(parse);
+            await storage.EnsureCreatedAsync(ct);
+            var manifest = await new Pipeline.Models.ModelRegistry(storage).GenerateAsync(parse.GetValue(id)!, spec, ct);
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(new List<Pipeline.Models.ModelManifest> { manifest }, Pipeline.Models.ModelJson.Default.ListModelManifest);
+            }
+            else
+            {
+                AnsiConsole.MarkupLineInterpolated($"Generated [bold]{manifest.ModelId}[/]: {spec.Kind}, {manifest.Task}, output {manifest.Output}, {manifest.VocabularySize:N0} tokens ({spec.Encoding}).");
+            }
+
+            return CliOptions.ExitCodes.Succeeded;
+        });
         return command;
     }
 

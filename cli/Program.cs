@@ -5,6 +5,7 @@ var root = new RootCommand("Pipeline: from a dropped file to a dataset, a fine-t
 root.Options.Add(CliOptions.Connection);
 root.Options.Add(CliOptions.Output);
 root.Subcommands.Add(SubmitCommand.Create());
+root.Subcommands.Add(InferCommand.Create());
 root.Subcommands.Add(RunsCommands.Status());
 root.Subcommands.Add(RunsCommands.List());
 root.Subcommands.Add(RunsCommands.Poison());
@@ -12,6 +13,7 @@ root.Subcommands.Add(MoreCommands.Events());
 root.Subcommands.Add(MoreCommands.Cancel());
 root.Subcommands.Add(MoreCommands.Datasets());
 root.Subcommands.Add(MoreCommands.Models());
+root.Subcommands.Add(MoreCommands.Batches());
 root.Subcommands.Add(LocalCommands.Up());
 root.Subcommands.Add(LocalCommands.Down());
 root.Subcommands.Add(LocalCommands.Artifacts());

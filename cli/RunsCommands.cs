@@ -32,7 +32,7 @@ public static class RunsCommands
             }
 
             await PrintAsync(parse, runs, run, ct);
-            return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
+            return ExitCodeOf(run);
         });
         return command;
     }
@@ -104,13 +104,11 @@ public static class RunsCommands
                 if (RunStatus.IsFinal(run.Status) || stageStatus is RunStatus.Succeeded or RunStatus.Failed)
                 {
                     await PrintAsync(parse, runs, run, cancellationToken);
-                    return run.Status == RunStatus.Failed ? CliOptions.ExitCodes.RunFailed : CliOptions.ExitCodes.Succeeded;
+                    return ExitCodeOf(run);
                 }
 
                 var counts = run.GetCounts();
-                var line = run.Stage == Stages.Preprocess && counts.TryGetValue("preprocessRecords", out var prepared)
-                    ? $"{run.Stage}: {run.Status}, {prepared:N0} records tokenized, {counts.GetValueOrDefault("preprocessTokens"):N0} tokens"
-                    : $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read";
+                var line = ProgressLine(run, counts);
                 if (!CliOptions.Json(parse) && line != lastLine)
                 {
                     AnsiConsole.MarkupLineInterpolated($"[grey]{clock.Elapsed:mm\\:ss}[/] {line}");
@@ -129,6 +127,27 @@ public static class RunsCommands
         return CliOptions.Fail($"Run {runId} did not reach the end of '{until ?? "the run"}' within {timeout.TotalSeconds:N0} s. Check it later with: pipeline status {runId}", CliOptions.ExitCodes.TimedOut);
     }
 
+    public static int ExitCodeOf(RunRecord run) => run.Status switch
+    {
+        RunStatus.Failed or RunStatus.Cancelled => CliOptions.ExitCodes.RunFailed,
+        RunStatus.CompletedWithFailures => CliOptions.ExitCodes.CompletedWithFailures,
+        _ => CliOptions.ExitCodes.Succeeded,
+    };
+
+    /// <summary>One line of live progress for the stage the run is in.</summary>
+    public static string ProgressLine(RunRecord run, Dictionary<string, long> counts) => run.Stage switch
+    {
+        Stages.Preprocess when counts.TryGetValue("preprocessRecords", out var prepared) =>
+            $"{run.Stage}: {run.Status}, {prepared:N0} records tokenized, {counts.GetValueOrDefault("preprocessTokens"):N0} tokens",
+        Stages.Inference =>
+            $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("inferenceRowsDone"):N0} of {Math.Max(counts.GetValueOrDefault("inferenceRows"), counts.GetValueOrDefault("inferenceRowsSplit")):N0} rows" +
+            $" ({counts.GetValueOrDefault("inferenceShardsDone")} of {counts.GetValueOrDefault("inferenceShards")} shards, {counts.GetValueOrDefault("inferenceRowsPerSecond"):N0} rows/s" +
+            (counts.GetValueOrDefault("inferenceEtaSeconds") > 0 ? $", ETA {counts["inferenceEtaSeconds"]} s)" : ")"),
+        Stages.FineTune when counts.TryGetValue("fineTuneEpoch", out var epoch) =>
+            $"{run.Stage}: {run.Status}, epoch {epoch} of {counts.GetValueOrDefault("fineTuneEpochs")}, step {counts.GetValueOrDefault("fineTuneStep"):N0}, progress {counts.GetValueOrDefault("fineTuneProgressPercent")}%",
+        _ => $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read",
+    };
+
     public static async Task PrintAsync(ParseResult parse, RunStore runs, RunRecord run, CancellationToken cancellationToken)
     {
         if (CliOptions.Json(parse))
@@ -139,6 +158,10 @@ public static class RunsCommands
 
         var stats = run.GetArtifacts().TryGetValue("stats", out var statsPath) ? await runs.ReadStatsAsync(statsPath, cancellationToken) : null;
         var color = run.Status switch { RunStatus.Failed => "red", RunStatus.Succeeded => "green", _ => "yellow" };
+        if (run.Error is not null && run.Status == RunStatus.CompletedWithFailures)
+        {
+            color = "yellow";
+        }
         var grid = new Grid().AddColumn().AddColumn();
         grid.AddRow("[bold]Run[/]", run.RunId);
         grid.AddRow("[bold]Status[/]", $"[{color}]{run.Status}[/] (stage: {run.Stage})");

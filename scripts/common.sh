@@ -91,3 +91,13 @@ start_host() {
 }
 
 pipeline() { dotnet "$CLI" "$@"; }
+
+# print_batch_summary: throughput and outputs of the newest inference batch (from its manifest).
+print_batch_summary() {
+  pipeline batches --output json | node -e '
+    const b = JSON.parse(require("fs").readFileSync(0, "utf8"))[0];
+    if (!b) { console.error("no batch found"); process.exit(1); }
+    console.error(`Batch ${b.batchId}: ${b.status}, ${b.succeeded} of ${b.rows} rows scored (${b.failed} failed) by ${b.modelId} on ${b.executionProvider}`);
+    console.error(`  ${b.rowsPerSecond} rows/s, ${b.tokensPerSecond} tokens/s end to end (model alone: ${b.modelRowsPerSecond} rows/s), padding ${(100 * b.paddingFraction).toFixed(1)}%`);
+    console.error(`  results: ${b.results}\n  errors:  ${b.errors}\n  ledger:  ${b.ledger}`);'
+}

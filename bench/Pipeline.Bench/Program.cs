@@ -3,6 +3,7 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- ingest [sizeMB ...]        (default: 64 256)
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
+// dotnet run -c Release --project bench/Pipeline.Bench -- infer [rows]              (default: 20000)
 // Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
@@ -19,8 +20,11 @@ switch (mode)
     case "neardup":
         NearDuplicateBench.Run(numbers.Length > 0 ? numbers : [10_000, 100_000, 1_000_000]);
         break;
+    case "infer":
+        await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000);
+        break;
     default:
-        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup [numbers]");
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers]");
         return 2;
 }
 

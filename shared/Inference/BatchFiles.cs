@@ -224,3 +224,22 @@ public sealed class BatchLineWriter
 
     private static string LabelName(ModelManifest model, int index) => index < model.Labels.Count ? model.Labels[index] : index.ToString(System.Globalization.CultureInfo.InvariantCulture);
 }
+
+/// <summary>Finished batches: every committed <c>outputs/&lt;batchId&gt;/manifest.json</c>, newest first.</summary>
+public static class BatchCatalog
+{
+    public static async Task<List<InferenceManifest>> ListAsync(StorageClients storage, CancellationToken cancellationToken)
+    {
+        var outputs = storage.Container(StorageNames.Containers.Outputs);
+        var batches = new List<InferenceManifest>();
+        await foreach (var item in outputs.GetBlobsByHierarchyAsync(BlobTraits.None, BlobStates.None, "/", "bt-", cancellationToken))
+        {
+            if (item.IsPrefix && await BlobJson.ReadAsync(outputs.GetBlobClient(item.Prefix + "manifest.json"), InferenceJson.Default.InferenceManifest, cancellationToken) is { } manifest)
+            {
+                batches.Add(manifest);
+            }
+        }
+
+        return [.. batches.OrderByDescending(b => b.CreatedAt)];
+    }
+}

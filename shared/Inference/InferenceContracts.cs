@@ -191,4 +191,5 @@ public sealed class InferenceRejectedException(string code, string message) : Ex
 [JsonSerializable(typeof(ShardInputRow))]
 [JsonSerializable(typeof(ShardOutcome))]
 [JsonSerializable(typeof(InferenceManifest))]
+[JsonSerializable(typeof(List<InferenceManifest>))]
 public sealed partial class InferenceJson : JsonSerializerContext;

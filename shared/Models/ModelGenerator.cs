@@ -83,23 +83,25 @@ public static class ModelGenerator
         var positions = graph.Node("Gather", [graph.Initializer("embeddings.position_embeddings.weight", w.Normal(shape.MaxPositions * h), shape.MaxPositions, h), positionIds], ("axis", 0L));
         var x = LayerNorm(graph, graph.Node("Add", [graph.Node("Add", [words, types]), positions]), "embeddings.LayerNorm", h);
 
-        // Additive attention mask: 0 where attended, -10000 where padded; shape [batch, 1, 1, sequence].
-        var maskFloat = graph.Node("Cast", [AttentionMask], ("to", (long)DataType.Float));
-        var maskBias = graph.Node("Mul", [graph.Node("Sub", [graph.Scalar("one", 1f), maskFloat]), graph.Scalar("minus_large", -10000f)]);
-        var maskBias4 = graph.Node("Unsqueeze", [maskBias, graph.Int64("mask_axes", 1, 2)]);
+        // Additive attention mask: 0 where attended, -10000 where padded; shape [batch, 1, 1, sequence]. The
+        // same node pattern as Hugging Face's export, which ONNX Runtime's attention fusion recognises.
+        var mask4 = graph.Node("Unsqueeze", [graph.Node("Unsqueeze", [AttentionMask, graph.Int64("mask_axis1", 1)]), graph.Int64("mask_axis2", 2)]);
+        var maskFloat = graph.Node("Cast", [mask4], ("to", (long)DataType.Float));
+        var maskBias4 = graph.Node("Mul", [graph.Node("Sub", [graph.Scalar("one", 1f), maskFloat]), graph.Scalar("minus_large", -10000f)]);
 
         var headSize = h / shape.Heads;
         var splitShape = graph.Int64("split_heads_shape", 0, 0, shape.Heads, headSize);
         var mergeShape = graph.Int64("merge_heads_shape", 0, 0, h);
-        var scale = graph.Scalar("attention_scale", 1f / MathF.Sqrt(headSize));
+        var scale = graph.Scalar("attention_scale", MathF.Sqrt(headSize));
         for (var layer = 0; layer < shape.Layers; layer++)
         {
             var p = $"encoder.layer.{layer}";
-            string Heads(string projection) => graph.Node("Transpose", [graph.Node("Reshape", [Linear(graph, w, x, $"{p}.attention.self.{projection}", h, h), splitShape])], ("perm", new long[] { 0, 2, 1, 3 }));
-            var q = Heads("query");
-            var k = Heads("key");
-            var v = Heads("value");
-            var scores = graph.Node("Add", [graph.Node("Mul", [graph.Node("MatMul", [q, graph.Node("Transpose", [k], ("perm", new long[] { 0, 1, 3, 2 }))]), scale]), maskBias4]);
+            string Heads(string projection, long[] perm) => graph.Node("Transpose", [graph.Node("Reshape", [Linear(graph, w, x, $"{p}.attention.self.{projection}", h, h), splitShape])], ("perm", perm));
+            var q = Heads("query", [0, 2, 1, 3]);
+            // K comes out transposed for Q·Kᵀ in one Transpose, as the Hugging Face export has it.
+            var kT = Heads("key", [0, 2, 3, 1]);
+            var v = Heads("value", [0, 2, 1, 3]);
+            var scores = graph.Node("Add", [graph.Node("Div", [graph.Node("MatMul", [q, kT]), scale]), maskBias4]);
             var context = graph.Node("MatMul", [graph.Node("Softmax", [scores], ("axis", -1L)), v]);
             var merged = graph.Node("Reshape", [graph.Node("Transpose", [context], ("perm", new long[] { 0, 2, 1, 3 })), mergeShape]);
             var attention = LayerNorm(graph, graph.Node("Add", [Linear(graph, w, merged, $"{p}.attention.output.dense", h, h), x]), $"{p}.attention.output.LayerNorm", h);
@@ -147,4 +149,46 @@ public static class ModelGenerator
     private static string Gelu(OnnxGraph graph, string x) =>
         graph.Node("Mul", [graph.Node("Mul", [x, graph.Scalar($"gelu_half_{x}", 0.5f)]),
             graph.Node("Add", [graph.Node("Erf", [graph.Node("Div", [x, graph.Scalar($"gelu_sqrt2_{x}", MathF.Sqrt(2f))])]), graph.Scalar($"gelu_one_{x}", 1f)])]);
+}
+
+/// <summary>What <c>pipeline models generate</c> makes: a seeded model over a tiktoken encoding, needing no downloaded files.</summary>
+public sealed record GeneratedModelSpec
+{
+    public const string BagOfEmbeddingsKind = "bag-of-embeddings";
+    public const string BertKind = "bert";
+
+    public string Kind { get; init; } = BagOfEmbeddingsKind;
+    public string Task { get; init; } = ModelTasks.Embedding;
+    public List<string> Labels { get; init; } = [];
+    /// <summary>Width of the embeddings (bag-of-embeddings) or of the encoder (BERT; default MiniLM's 384).</summary>
+    public int Hidden { get; init; } = 64;
+    public int Layers { get; init; } = 6;
+    public int Heads { get; init; } = 12;
+    public string Encoding { get; init; } = "cl100k_base";
+    public int MaxSequenceLength { get; init; } = 128;
+    public int Seed { get; init; } = 1;
+
+    /// <summary>The ONNX model this spec describes (a classification head with seeded weights when the task asks for one).</summary>
+    public ModelProto Build()
+    {
+        var vocabulary = Preprocessing.TokenizerSource.TiktokenVocabularySize(Encoding);
+        var encoder = Kind switch
+        {
+            BagOfEmbeddingsKind => ModelGenerator.BagOfEmbeddings(vocabulary, Hidden, Seed),
+            BertKind => ModelGenerator.Bert(new EncoderShape(vocabulary, Hidden, Layers, Heads, 4 * Hidden, Math.Max(512, MaxSequenceLength)), Seed),
+            _ => throw new ArgumentException($"Unknown model kind '{Kind}': use {BagOfEmbeddingsKind} or {BertKind}."),
+        };
+        if (Task != ModelTasks.Classification)
+        {
+            return encoder;
+        }
+
+        if (Labels.Count < 2)
+        {
+            throw new ArgumentException("A classification model needs at least two labels.");
+        }
+
+        var weights = new ModelGenerator.Weights(Seed + 1, 0.1f);
+        return ModelGenerator.WithClassificationHead(encoder, weights.Normal(Labels.Count * Hidden), new float[Labels.Count], Labels.Count);
+    }
 }

@@ -20,15 +20,36 @@ public sealed class ModelRegistry(StorageClients storage)
 
     private BlobContainerClient Models => storage.Container(StorageNames.Containers.Models);
 
-    /// <summary>Writes a model folder: the ONNX graph and the vocabulary first, <c>model.json</c> last.</summary>
-    public async Task<ModelManifest> WriteAsync(string modelId, ModelProto model, byte[] vocabulary, string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken)
+    /// <summary>Writes a model folder with a WordPiece vocabulary: the ONNX graph and vocab.txt first, <c>model.json</c> last.</summary>
+    public Task<ModelManifest> WriteAsync(string modelId, ModelProto model, byte[] vocabulary, string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken) =>
+        WriteAsync(modelId, model, new TokenizerSpec { Kind = TokenizerKinds.WordPiece }, new Dictionary<string, byte[]> { ["vocab.txt"] = vocabulary }, VocabularyLines(vocabulary),
+            task, labels, maxSequenceLength, lineage, cancellationToken);
+
+    /// <summary>
+    /// Writes a model folder: the ONNX graph and the tokenizer's files first, <c>model.json</c> last. A tokenizer
+    /// with files is read from the folder; a tiktoken encoding needs none.
+    /// </summary>
+    public async Task<ModelManifest> WriteAsync(string modelId, ModelProto model, TokenizerSpec tokenizer, IReadOnlyDictionary<string, byte[]> tokenizerFiles, long vocabularySize,
+        string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken)
     {
-        await Models.GetBlobClient($"{modelId}/{ModelManifest.OnnxFile}").UploadAsync(new BinaryData(model.ToByteArray()), overwrite: true, cancellationToken);
-        await Models.GetBlobClient($"{modelId}/vocab.txt").UploadAsync(new BinaryData(vocabulary), overwrite: true, cancellationToken);
-        var manifest = Describe(modelId, model.ToByteArray(), task, labels, maxSequenceLength, lineage, VocabularyLines(vocabulary));
+        var onnx = model.ToByteArray();
+        await Models.GetBlobClient($"{modelId}/{ModelManifest.OnnxFile}").UploadAsync(new BinaryData(onnx), overwrite: true, cancellationToken);
+        foreach (var (name, content) in tokenizerFiles)
+        {
+            await Models.GetBlobClient($"{modelId}/{name}").UploadAsync(new BinaryData(content), overwrite: true, cancellationToken);
+        }
+
+        var spec = tokenizerFiles.Count > 0 ? tokenizer with { Files = $"{StorageNames.Containers.Models}/{modelId}/" } : tokenizer;
+        var manifest = Describe(modelId, onnx, task, labels, maxSequenceLength, lineage, vocabularySize) with { Tokenizer = spec };
         await BlobJson.WriteAsync(Models.GetBlobClient($"{modelId}/{ModelManifest.FileName}"), manifest, ModelJson.Default.ModelManifest, cancellationToken);
         return manifest;
     }
+
+    /// <summary>Generates a seeded model (see <see cref="GeneratedModelSpec"/>) and writes its folder.</summary>
+    public Task<ModelManifest> GenerateAsync(string modelId, GeneratedModelSpec spec, CancellationToken cancellationToken) =>
+        WriteAsync(modelId, spec.Build(), new TokenizerSpec { Kind = TokenizerKinds.Tiktoken, Encoding = spec.Encoding }, new Dictionary<string, byte[]>(),
+            TokenizerSource.TiktokenVocabularySize(spec.Encoding), spec.Task, spec.Labels, spec.MaxSequenceLength,
+            new ModelLineage { BaseModel = $"generated:{spec.Kind}:{spec.Encoding}:h{spec.Hidden}:seed{spec.Seed}" }, cancellationToken);
 
     /// <summary>
     /// Registers a folder as Hugging Face tools export it: <c>model.onnx</c> or <c>onnx/model.onnx</c>,

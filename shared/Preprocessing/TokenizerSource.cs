@@ -61,9 +61,12 @@ public sealed class TokenizerSource
     public TokenizerSpec Spec { get; }
 
     /// <summary>Tokens in the vocabulary (WordPiece: lines of vocab.txt), when the kind has a file that says.</summary>
-    public int? VocabularySize => _files.TryGetValue("vocab.txt", out var vocab)
-        ? System.Text.Encoding.UTF8.GetString(vocab).Split('\n').Count(l => l.Length > 0)
+    public int? VocabularySize => Spec.Kind == TokenizerKinds.Tiktoken ? TiktokenVocabularySize(Spec.Encoding)
+        : _files.TryGetValue("vocab.txt", out var vocab) ? System.Text.Encoding.UTF8.GetString(vocab).Split('\n').Count(l => l.Length > 0)
         : null;
+
+    /// <summary>Ids a tiktoken encoding produces, special tokens included (the rows an embedding table needs).</summary>
+    public static int TiktokenVocabularySize(string? encoding) => encoding == "o200k_base" ? 200_019 : 100_277;
 
     /// <summary>Kind plus the hash of every file (or the encoding name): part of the prepared id.</summary>
     public string Fingerprint { get; }

@@ -1,0 +1,119 @@
+using System.CommandLine;
+using System.Text.Json;
+using Azure;
+using Pipeline.Inference;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Cli;
+
+/// <summary>
+/// <c>pipeline infer --model &lt;id&gt; &lt;file|container/blob&gt; [--wait]</c>: score a file with a registered model
+/// (an <c>infer</c> command on the commands queue), and <c>pipeline infer --retry-failed &lt;batchId&gt;</c>.
+/// </summary>
+public static class InferCommand
+{
+    /// <summary>Where local files given to <c>pipeline infer</c> are uploaded (not incoming: that would ingest them).</summary>
+    public const string InputsPrefix = "inputs/";
+
+    public static Command Create()
+    {
+        var input = new Argument<string?>("input") { Description = "A local file (JSONL, CSV, TSV or TXT; uploaded to outputs/inputs/) or a blob already in the account (container/path).", Arity = ArgumentArity.ZeroOrOne };
+        var model = new Option<string?>("--model", "-m") { Description = "The registered model to score with (see: pipeline models)." };
+        var rowsPerShard = new Option<int?>("--rows-per-shard") { Description = $"Rows per shard; each shard is one message any instance can take (default {InferenceOptions.DefaultRowsPerShard:N0})." };
+        var textField = new Option<string?>("--text-field") { Description = "The text field or column (default: text, sentence, content, ...)." };
+        var normalize = new Option<bool>("--normalize") { Description = "Embedding models: L2-normalize each vector." };
+        var retryFailed = new Option<string?>("--retry-failed") { Description = "Rescore only the failed rows of this finished batch (bt-...) and merge them into its results." };
+        var wait = new Option<bool>("--wait") { Description = "Follow the run (rows done, rows/s, ETA) until it ends and print its summary." };
+        var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds to wait before giving up (exit code 4).", DefaultValueFactory = _ => 1800 };
+        var command = new Command("infer", "Score a file with a registered model: results.jsonl in input order, errors.jsonl, manifest.json under outputs/<batchId>/.")
+        {
+            input, model, rowsPerShard, textField, normalize, retryFailed, wait, timeout,
+        };
+        command.SetAction(async (parse, ct) =>
+        {
+            var storage = CliOptions.Storage(parse);
+            await storage.EnsureCreatedAsync(ct);
+            string type, runId;
+            JsonElement body;
+            if (parse.GetValue(retryFailed) is { } batchId)
+            {
+                type = MessageTypes.RetryFailed;
+                body = JsonSerializer.SerializeToElement(new RetryFailedCommand(batchId), InferenceJson.Default.RetryFailedCommand);
+                runId = "run-" + RunIds.Hash($"retry|{batchId}|{DateTimeOffset.UtcNow:O}", 24);
+            }
+            else
+            {
+                if (parse.GetValue(model) is not { Length: > 0 } modelId || parse.GetValue(input) is not { Length: > 0 } source)
+                {
+                    return CliOptions.Fail("Name a model and an input: pipeline infer --model <modelId> <file or container/blob> (or --retry-failed <batchId>).", CliOptions.ExitCodes.UsageError);
+                }
+
+                string blob, version;
+                if (File.Exists(source))
+                {
+                    var name = InputsPrefix + Path.GetFileName(source);
+                    await using var stream = File.OpenRead(source);
+                    var uploaded = await storage.Container(StorageNames.Containers.Outputs).GetBlobClient(name).UploadAsync(stream, overwrite: true, ct);
+                    blob = $"{StorageNames.Containers.Outputs}/{name}";
+                    version = uploaded.Value.ETag.ToString();
+                }
+                else
+                {
+                    var slash = source.IndexOf('/');
+                    try
+                    {
+                        version = slash > 0
+                            ? (await storage.Container(source[..slash]).GetBlobClient(source[(slash + 1)..]).GetPropertiesAsync(cancellationToken: ct)).Value.ETag.ToString()
+                            : throw new RequestFailedException(404, "not a blob path");
+                    }
+                    catch (RequestFailedException e) when (e.Status == 404)
+                    {
+                        return CliOptions.Fail($"'{source}' is neither a local file nor a blob in the account (container/path).", CliOptions.ExitCodes.NotFound);
+                    }
+
+                    blob = source;
+                }
+
+                var options = new InferenceOptions { RowsPerShard = parse.GetValue(rowsPerShard), TextField = parse.GetValue(textField), Normalize = parse.GetValue(normalize) ? true : null };
+                try
+                {
+                    options.Validate();
+                }
+                catch (InferenceRejectedException e)
+                {
+                    return CliOptions.Fail(e.Message, CliOptions.ExitCodes.UsageError);
+                }
+
+                type = MessageTypes.Infer;
+                body = JsonSerializer.SerializeToElement(new InferenceRequest(modelId, blob, options), InferenceJson.Default.InferenceRequest);
+                runId = "run-" + RunIds.Hash($"infer|{modelId}|{blob}|{version}|{body.GetRawText()}", 24);
+            }
+
+            var envelope = new MessageEnvelope { Type = type, RunId = runId, CorrelationId = runId, Body = body };
+            await storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(JsonSerializer.Serialize(envelope, PipelineJson.Default.MessageEnvelope), ct);
+            if (!parse.GetValue(wait))
+            {
+                if (CliOptions.Json(parse))
+                {
+                    Console.Out.WriteLine(JsonSerializer.Serialize(new Dictionary<string, string> { ["runId"] = runId, ["type"] = type }));
+                }
+                else
+                {
+                    Console.Out.WriteLine(runId);
+                }
+
+                return CliOptions.ExitCodes.Succeeded;
+            }
+
+            if (!CliOptions.Json(parse))
+            {
+                Spectre.Console.AnsiConsole.MarkupLineInterpolated($"Sent the [bold]{type}[/] command: run [bold]{runId}[/]");
+            }
+
+            return await RunsCommands.WaitAsync(parse, new RunStore(storage), runId, null, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+        });
+        return command;
+    }
+}
