@@ -38,16 +38,6 @@ public static class InferenceBench
         var model = ModelGenerator.WithClassificationHead(ModelGenerator.Bert(shape, 3), weights.Normal(2 * shape.Hidden), [0f, 0f], 2);
         var vocabulary = File.ReadAllBytes(Path.Combine(SharedData, "tokenizers", "bert-base-uncased", "vocab.txt"));
         await new ModelRegistry(storage).WriteAsync(ModelId, model, vocabulary, ModelTasks.Classification, ["negative", "positive"], 128, new ModelLineage { BaseModel = "generated:minilm-shape" }, CancellationToken.None);
-        if (Environment.GetEnvironmentVariable("DUMP_OPT") is { } dump)
-        {
-            var (o, _) = ModelSessions.CreateOptions(new InferenceSettings());
-            o.OptimizedModelFilePath = dump;
-            using (new InferenceSession(Google.Protobuf.MessageExtensions.ToByteArray(model), o)) { }
-            var g = Pipeline.Models.Onnx.Proto.ModelProto.Parser.ParseFrom(File.ReadAllBytes(dump)).Graph;
-            Console.WriteLine(string.Join(", ", g.Node.GroupBy(n => n.OpType).Select(x => $"{x.Key}:{x.Count()}")));
-            return;
-        }
-
         var sessions = services.GetRequiredService<ModelSessions>();
         var runtime = await sessions.GetAsync(ModelId, CancellationToken.None);
 

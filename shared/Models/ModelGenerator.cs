@@ -59,7 +59,7 @@ public static class ModelGenerator
         var table = graph.Initializer("embeddings.word_embeddings.weight", weights.Normal(vocabulary * hidden), vocabulary, hidden);
         var gathered = graph.Node("Gather", [table, InputIds], ("axis", 0L));
         // Zero padded positions, so last_hidden_state means the same as an encoder's under the mask.
-        var mask = graph.Node("Unsqueeze", [graph.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), graph.Int64("mask_axes", 2)]);
+        var mask = Unsqueeze(graph, graph.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), 2, OnnxGraph.Opset, "mask_axes");
         graph.Rename(graph.Node("Mul", [gathered, mask]), LastHiddenState);
         graph.Output(LastHiddenState, DataType.Float, "batch", "sequence", hidden);
         return graph.ToModel(new Dictionary<string, string> { ["pipeline.kind"] = "bag-of-embeddings" });
@@ -85,7 +85,7 @@ public static class ModelGenerator
 
         // Additive attention mask: 0 where attended, -10000 where padded; shape [batch, 1, 1, sequence]. The
         // same node pattern as Hugging Face's export, which ONNX Runtime's attention fusion recognises.
-        var mask4 = graph.Node("Unsqueeze", [graph.Node("Unsqueeze", [AttentionMask, graph.Int64("mask_axis1", 1)]), graph.Int64("mask_axis2", 2)]);
+        var mask4 = Unsqueeze(graph, Unsqueeze(graph, AttentionMask, 1, OnnxGraph.Opset, "mask_axis1"), 2, OnnxGraph.Opset, "mask_axis2");
         var maskFloat = graph.Node("Cast", [mask4], ("to", (long)DataType.Float));
         var maskBias4 = graph.Node("Mul", [graph.Node("Sub", [graph.Scalar("one", 1f), maskFloat]), graph.Scalar("minus_large", -10000f)]);
 
@@ -102,7 +102,7 @@ public static class ModelGenerator
             var kT = Heads("key", [0, 2, 3, 1]);
             var v = Heads("value", [0, 2, 1, 3]);
             var scores = graph.Node("Add", [graph.Node("Div", [graph.Node("MatMul", [q, kT]), scale]), maskBias4]);
-            var context = graph.Node("MatMul", [graph.Node("Softmax", [scores], ("axis", -1L)), v]);
+            var context = graph.Node("MatMul", [graph.Node("Softmax", [scores], ("axis", 3L)), v]);
             var merged = graph.Node("Reshape", [graph.Node("Transpose", [context], ("perm", new long[] { 0, 2, 1, 3 })), mergeShape]);
             var attention = LayerNorm(graph, graph.Node("Add", [Linear(graph, w, merged, $"{p}.attention.output.dense", h, h), x]), $"{p}.attention.output.LayerNorm", h);
             var intermediate = Gelu(graph, Linear(graph, w, attention, $"{p}.intermediate.dense", h, shape.Intermediate));
@@ -124,9 +124,11 @@ public static class ModelGenerator
         var graph = model.Graph;
         var hidden = (int)graph.Output.Single(o => o.Name == LastHiddenState).Type.TensorType.Shape.Dim[2].DimValue;
         var builder = new OnnxGraph(graph);
-        var mask = builder.Node("Unsqueeze", [builder.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), builder.Int64("head.mask_axes", 2)]);
-        var summed = builder.Node("ReduceSum", [builder.Node("Mul", [LastHiddenState, mask]), builder.Int64("head.sequence_axis", 1)], ("keepdims", 0L));
-        var counts = builder.Node("Max", [builder.Node("ReduceSum", [mask, builder.Int64("head.count_axis", 1)], ("keepdims", 0L)), builder.Scalar("head.min_count", 1e-9f)]);
+        // The head's nodes take the forms of the encoder's opset (axes became inputs in opset 13).
+        var opset = (int)model.OpsetImport.Where(o => o.Domain is "" or "ai.onnx").Select(o => o.Version).DefaultIfEmpty(OnnxGraph.Opset).First();
+        var mask = Unsqueeze(builder, builder.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), 2, opset, "head.mask_axes");
+        var summed = ReduceSum(builder, builder.Node("Mul", [LastHiddenState, mask]), 1, opset, "head.sequence_axis");
+        var counts = builder.Node("Max", [ReduceSum(builder, mask, 1, opset, "head.count_axis"), builder.Scalar("head.min_count", 1e-9f)]);
         var pooled = builder.Node("Div", [summed, counts]);
         var logits = builder.Node("Gemm", [pooled, builder.Initializer("classifier.weight", weight, labels, hidden), builder.Initializer("classifier.bias", bias, labels)], ("transB", 1L));
         builder.Rename(logits, Logits);
@@ -136,6 +138,14 @@ public static class ModelGenerator
         builder.Output(Probabilities, DataType.Float, "batch", labels);
         return model;
     }
+
+    private static string Unsqueeze(OnnxGraph graph, string input, long axis, int opset, string axesName) => opset >= 13
+        ? graph.Node("Unsqueeze", [input, graph.Int64(axesName, axis)])
+        : graph.Node("Unsqueeze", [input], ("axes", new[] { axis }));
+
+    private static string ReduceSum(OnnxGraph graph, string input, long axis, int opset, string axesName) => opset >= 13
+        ? graph.Node("ReduceSum", [input, graph.Int64(axesName, axis)], ("keepdims", 0L))
+        : graph.Node("ReduceSum", [input], ("axes", new[] { axis }), ("keepdims", 0L));
 
     private static string Linear(OnnxGraph graph, Weights w, string input, string name, int inFeatures, int outFeatures) =>
         graph.Node("Add", [graph.Node("MatMul", [input, graph.Initializer($"{name}.weight", w.Normal(inFeatures * outFeatures), inFeatures, outFeatures)]),
