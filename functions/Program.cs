@@ -4,6 +4,12 @@ using Pipeline.Hosting;
 
 // One executable, two roles: the custom handler the Functions host starts (FUNCTIONS_CUSTOMHANDLER_PORT),
 // and with --local, also the host itself for our bindings (queue triggers, blob-created events) on any storage account.
+if (args.Length > 0 && args[0] == "train")
+{
+    // The built-in trainer, as a separate process (the local fine-tune backend starts it; a GPU image runs it).
+    return await TrainerCommand.RunAsync(args[1..]);
+}
+
 var local = args.Contains("--local");
 
 // Stages tokenize in Parallel.For (blocking pool threads) while their uploads complete on pool threads:
@@ -24,7 +30,8 @@ builder.Services
     .AddPipelineRuns()
     .AddIngestion(builder.Configuration)
     .AddPreprocessing(builder.Configuration)
-    .AddInference(builder.Configuration);
+    .AddInference(builder.Configuration)
+    .AddFineTuning(builder.Configuration);
 
 if (local)
 {
@@ -37,4 +44,5 @@ var app = builder.Build();
 app.MapQueueFunctions();
 app.MapPipelineApi();
 app.MapGet("/", () => Results.Ok(new { name = "Pipeline", mode = local ? "local" : "custom-handler" }));
-app.Run();
+await app.RunAsync();
+return 0;

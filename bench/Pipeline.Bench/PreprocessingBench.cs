@@ -31,7 +31,7 @@ public static class PreprocessingBench
         }
 
         var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
-        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).BuildServiceProvider();
+        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).BuildServiceProvider();
         var storage = services.GetRequiredService<StorageClients>();
         var blob = storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-preprocess.jsonl");
         var etag = (await blob.UploadAsync(BinaryData.FromString(content.ToString()), overwrite: true)).Value.ETag.ToString().Trim('"');

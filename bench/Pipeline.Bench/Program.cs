@@ -4,11 +4,12 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- infer [rows]              (default: 20000)
+// dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}'] (default: the defaults)
 // Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
 var mode = args.Length > 0 ? args[0] : "ingest";
-var numbers = args.Skip(1).Select(int.Parse).ToArray();
+var numbers = mode == "finetune" ? [] : args.Skip(1).Select(int.Parse).ToArray();
 switch (mode)
 {
     case "ingest":
@@ -23,8 +24,11 @@ switch (mode)
     case "infer":
         await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000);
         break;
+    case "finetune":
+        await FineTuneBench.RunAsync(args.Length > 1 ? args[1] : null);
+        break;
     default:
-        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers]");
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers] | finetune ['{json}']");
         return 2;
 }
 

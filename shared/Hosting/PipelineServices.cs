@@ -1,5 +1,7 @@
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.DependencyInjection.Extensions;
+using Pipeline.FineTuning;
 using Pipeline.Inference;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
@@ -14,6 +16,8 @@ public static class PipelineServices
 {
     public static IServiceCollection AddPipelineStorage(this IServiceCollection services, IConfiguration configuration)
     {
+        // The local fine-tune backend passes the storage setting on to trainer processes.
+        services.TryAddSingleton(configuration);
         services.AddSingleton(_ => StorageClients.FromConfiguration(configuration, QueuesOptions.From(configuration).QueueMessageEncoding));
         services.AddSingleton<BlobCopier>();
         return services;
@@ -52,6 +56,20 @@ public static class PipelineServices
         services.Configure<InferenceSettings>(configuration.GetSection(InferenceSettings.Section));
         services.AddSingleton<ModelSessions>();
         services.AddSingleton<InferenceHandler>();
+        return services;
+    }
+
+    public static IServiceCollection AddFineTuning(this IServiceCollection services, IConfiguration configuration)
+    {
+        services.Configure<FineTuneOptions>(configuration.GetSection(FineTuneOptions.Section));
+        services.AddSingleton<FineTuneHandler>();
+        services.AddSingleton<Azure.Core.TokenCredential>(_ => new Azure.Identity.DefaultAzureCredential());
+        services.AddSingleton<IFineTuneBackend, LocalProcessBackend>();
+        services.AddSingleton(_ => new HttpClient { Timeout = TimeSpan.FromSeconds(100) });
+        services.AddSingleton<AzureMlBackend>();
+        services.AddSingleton<ContainerAppsBackend>();
+        services.AddSingleton<IFineTuneBackend>(s => s.GetRequiredService<AzureMlBackend>());
+        services.AddSingleton<IFineTuneBackend>(s => s.GetRequiredService<ContainerAppsBackend>());
         return services;
     }
 }

@@ -26,9 +26,30 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
 
     private sealed record Chunk(List<(int Index, int[] Ids)> Rows);
 
-    public async Task<(ScoredRow[] Rows, ScoreStats Stats)> ScoreAsync(IReadOnlyList<string?> texts, CancellationToken cancellationToken)
+    /// <summary>Scores rows given as token ids (already tokenized, for example a prepared dataset's shards).</summary>
+    public Task<(ScoredRow[] Rows, ScoreStats Stats)> ScoreTokensAsync(IReadOnlyList<int[]> ids, CancellationToken cancellationToken) =>
+        ScoreAsync(ids.Count, (_, i) => ids[i].Length <= model.Manifest.MaxSequenceLength ? ids[i] : ids[i][..model.Manifest.MaxSequenceLength], cancellationToken);
+
+    public Task<(ScoredRow[] Rows, ScoreStats Stats)> ScoreAsync(IReadOnlyList<string?> texts, CancellationToken cancellationToken)
     {
-        var outputs = new ScoredRow[texts.Count];
+        var ids = new List<int>(64);
+        return ScoreAsync(texts.Count, (tokenizer, i) =>
+        {
+            if (texts[i] is not { } text)
+            {
+                return null;
+            }
+
+            tokenizer.Encode(text, ids);
+            tokenizer.Truncate(ids, model.Manifest.MaxSequenceLength);
+            return [.. ids];
+        }, cancellationToken);
+    }
+
+    /// <summary>Scores <paramref name="count"/> rows whose token ids <paramref name="tokenize"/> gives (null: the row has no text).</summary>
+    private async Task<(ScoredRow[] Rows, ScoreStats Stats)> ScoreAsync(int count, Func<Preprocessing.TextTokenizer, int, int[]?> tokenize, CancellationToken cancellationToken)
+    {
+        var outputs = new ScoredRow[count];
         var chunks = Channel.CreateBounded<Chunk>(new BoundedChannelOptions(2) { SingleReader = true, SingleWriter = true });
         double tokenizeMs = 0;
         var producer = Task.Run(async () =>
@@ -37,24 +58,19 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
             var clock = new Stopwatch();
             try
             {
-                var ids = new List<int>(64);
                 var chunkRows = Math.Max(1, settings.ChunkRows);
-                for (var start = 0; start < texts.Count; start += chunkRows)
+                for (var start = 0; start < count; start += chunkRows)
                 {
                     clock.Start();
-                    var rows = new List<(int, int[])>(Math.Min(chunkRows, texts.Count - start));
-                    for (var i = start; i < Math.Min(texts.Count, start + chunkRows); i++)
+                    var rows = new List<(int, int[])>(Math.Min(chunkRows, count - start));
+                    for (var i = start; i < Math.Min(count, start + chunkRows); i++)
                     {
-                        if (texts[i] is not { } text)
-                        {
-                            continue;
-                        }
-
                         try
                         {
-                            tokenizer.Encode(text, ids);
-                            tokenizer.Truncate(ids, model.Manifest.MaxSequenceLength);
-                            rows.Add((i, [.. ids]));
+                            if (tokenize(tokenizer, i) is { } tokens)
+                            {
+                                rows.Add((i, tokens));
+                            }
                         }
                         catch (Exception e) when (e is ArgumentException or InvalidOperationException)
                         {
@@ -88,27 +104,27 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
                 {
                     // Grow the batch while the longest row (the last: rows are sorted) times the count fits the
                     // token budget, and padding stays under the cap (small batches cost little on CPU; padding does).
-                    var count = 1;
+                    var size = 1;
                     long real = rows[start].Ids.Length;
-                    while (start + count < rows.Count && count < settings.MaxBatchRows)
+                    while (start + size < rows.Count && size < settings.MaxBatchRows)
                     {
-                        var next = rows[start + count].Ids.Length;
-                        var budget = (long)(count + 1) * next;
+                        var next = rows[start + size].Ids.Length;
+                        var budget = (long)(size + 1) * next;
                         if (budget > maxTokensPerBatch || budget - (real + next) > settings.MaxPaddingFraction * budget)
                         {
                             break;
                         }
 
                         real += next;
-                        count++;
+                        size++;
                     }
 
-                    var sequence = rows[start + count - 1].Ids.Length;
+                    var sequence = rows[start + size - 1].Ids.Length;
                     await model.Gate.WaitAsync(cancellationToken);
                     inference.Start();
                     try
                     {
-                        RunIsolated(rows, start, count, sequence, outputs);
+                        RunIsolated(rows, start, size, sequence, outputs);
                     }
                     finally
                     {
@@ -116,14 +132,14 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
                         model.Gate.Release();
                     }
 
-                    for (var i = start; i < start + count; i++)
+                    for (var i = start; i < start + size; i++)
                     {
                         tokens += rows[i].Ids.Length;
                     }
 
-                    slots += (long)count * sequence;
+                    slots += (long)size * sequence;
                     batches++;
-                    start += count;
+                    start += size;
                 }
             }
         }

@@ -10,7 +10,7 @@ namespace Pipeline.Messaging;
 /// </summary>
 public sealed class CommandRouter(IngestHandler ingest, StageMessages stages, RunTransitions transitions)
 {
-    public static readonly string[] SupportedTypes = [MessageTypes.Ingest, MessageTypes.Preprocess, MessageTypes.Infer, MessageTypes.RetryFailed, MessageTypes.Cancel];
+    public static readonly string[] SupportedTypes = [MessageTypes.Ingest, MessageTypes.Preprocess, MessageTypes.FineTune, MessageTypes.Infer, MessageTypes.RetryFailed, MessageTypes.Cancel];
 
     /// <exception cref="InvalidMessageException">The command is malformed or names something that does not exist.</exception>
     public async Task HandleAsync(string message, int dequeueCount, CancellationToken cancellationToken)
@@ -29,6 +29,9 @@ public sealed class CommandRouter(IngestHandler ingest, StageMessages stages, Ru
                 return;
             case MessageTypes.Preprocess:
                 await stages.PreprocessAsync(envelope, RunIds.ForMessage(StorageNames.Queues.Commands, message), dequeueCount, cancellationToken);
+                return;
+            case MessageTypes.FineTune:
+                await stages.FineTuneCommandAsync(envelope, RunIds.ForMessage(StorageNames.Queues.Commands, message), dequeueCount, cancellationToken);
                 return;
             case MessageTypes.Infer or MessageTypes.Inference:
                 await stages.InferenceAsync(envelope, RunIds.ForMessage(StorageNames.Queues.Commands, message), dequeueCount, cancellationToken);

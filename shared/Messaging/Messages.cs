@@ -33,6 +33,7 @@ public static class MessageTypes
     public const string Infer = "infer";
     public const string InferenceShard = "inference-shard";
     public const string RetryFailed = "retry-failed";
+    public const string FineTuneMonitor = "finetune-monitor";
 }
 
 /// <summary>Body of an <c>ingest</c> command: a blob already in the account, and optionally a run spec.</summary>

@@ -30,6 +30,8 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger)
         public const string StageRetrying = "pipeline.run.stage.retrying";
         public const string DatasetCreated = "pipeline.dataset.created";
         public const string RunCancelled = "pipeline.run.cancelled";
+        /// <summary>A fine-tune finished an epoch (the data carries the latest metrics).</summary>
+        public const string FineTuneProgress = "pipeline.run.finetune.progress";
     }
 
     /// <summary>A run's recorded transitions, oldest first.</summary>

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization.Metadata;
+using Pipeline.FineTuning;
 using Pipeline.Inference;
 using Pipeline.Ingestion;
 using Pipeline.Preprocessing;
@@ -12,7 +13,7 @@ namespace Pipeline.Messaging;
 /// Opens the envelopes of stage messages (and of the matching commands) and hands their bodies to the
 /// stage handlers. A message that cannot be read is invalid for good, never retried.
 /// </summary>
-public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler inference)
+public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler inference, FineTuneHandler fineTune, StorageClients storage)
 {
     public Task PreprocessAsync(string message, int dequeueCount, CancellationToken cancellationToken)
     {
@@ -80,6 +81,63 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
         }
 
         return inference.HandleShardAsync(body, dequeueCount, cancellationToken);
+    }
+
+    public Task FineTuneAsync(string message, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var envelope = Open(message, MessageTypes.FineTune);
+        var body = Body(envelope, PreprocessJson.Default.FineTuneRequest);
+        if (string.IsNullOrWhiteSpace(body.PreparedManifest))
+        {
+            throw new InvalidMessageException("The finetune message has no 'preparedManifest'.");
+        }
+
+        return fineTune.HandleAsync(body, envelope.RunId ?? RunIds.ForMessage(StorageNames.Queues.FineTune, message), dequeueCount, cancellationToken);
+    }
+
+    /// <summary>
+    /// A <c>finetune</c> command: a dataset (and optionally which prepared version of it) and the fine-tune
+    /// settings; without a prepared id, the dataset's newest prepared version is used.
+    /// </summary>
+    public async Task FineTuneCommandAsync(MessageEnvelope envelope, string fallbackRunId, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var body = Body(envelope, FineTuneJson.Default.FineTuneCommand);
+        if (string.IsNullOrWhiteSpace(body.DatasetId))
+        {
+            throw new InvalidMessageException("The finetune command needs 'datasetId' (and optionally 'preparedId' and a 'fineTune' object), for example {\"datasetId\":\"ds-1755ccda47ec763297f29676\",\"fineTune\":{\"epochs\":10}}.");
+        }
+
+        var preparedId = body.PreparedId ?? await NewestPreparedAsync(body.DatasetId, cancellationToken)
+            ?? throw new InvalidMessageException($"Dataset {body.DatasetId} has no prepared version: preprocess it first (a preprocess command, or pipeline submit).");
+        var spec = new RunSpec { FineTune = body.FineTune ?? JsonDocument.Parse("{}").RootElement.Clone() };
+        var request = new FineTuneRequest(body.DatasetId, preparedId, $"{StorageNames.Containers.Datasets}/{PreprocessHandler.Folder(body.DatasetId, preparedId)}manifest.json", spec);
+        await fineTune.HandleAsync(request, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
+    }
+
+    private async Task<string?> NewestPreparedAsync(string datasetId, CancellationToken cancellationToken)
+    {
+        var datasets = storage.Container(StorageNames.Containers.Datasets);
+        (string Id, DateTimeOffset At)? newest = null;
+        await foreach (var blob in datasets.GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, $"{datasetId}/prepared/", cancellationToken))
+        {
+            if (blob.Name.EndsWith("/manifest.json", StringComparison.Ordinal) && blob.Properties.LastModified is { } at && (newest is null || at > newest.Value.At))
+            {
+                newest = (blob.Name.Split('/')[2], at);
+            }
+        }
+
+        return newest?.Id;
+    }
+
+    public Task FineTuneMonitorAsync(string message, CancellationToken cancellationToken)
+    {
+        var body = Body(Open(message, MessageTypes.FineTuneMonitor), FineTuneJson.Default.FineTuneMonitorRequest);
+        if (string.IsNullOrWhiteSpace(body.JobId))
+        {
+            throw new InvalidMessageException("The finetune-monitor message has no 'jobId'.");
+        }
+
+        return fineTune.MonitorAsync(body, cancellationToken);
     }
 
     public static MessageEnvelope Open(string message, string? expectedType = null)

@@ -23,6 +23,8 @@ public static class ModelGenerator
     public const string LastHiddenState = "last_hidden_state";
     public const string Logits = "logits";
     public const string Probabilities = "probabilities";
+    public const string EmbeddingTable = "embeddings.word_embeddings.weight";
+    public const string KindProperty = "pipeline.kind";
 
     /// <summary>Weights drawn from N(0, std) with a fixed seed: the same arguments give the same model.</summary>
     public sealed class Weights(int seed, float std = 0.02f)
@@ -50,13 +52,16 @@ public static class ModelGenerator
     /// A bag-of-embeddings encoder: an embedding lookup whose rows are the token vectors
     /// (<c>last_hidden_state</c> = embeddings of each token). Fast, and a useful base for demos.
     /// </summary>
-    public static ModelProto BagOfEmbeddings(int vocabulary, int hidden, int seed)
+    public static ModelProto BagOfEmbeddings(int vocabulary, int hidden, int seed) =>
+        BagOfEmbeddings(new Weights(seed, std: 0.5f).Normal(vocabulary * hidden), vocabulary, hidden);
+
+    /// <summary>A bag-of-embeddings encoder over a given table (row-major, <paramref name="vocabulary"/> × <paramref name="hidden"/>), such as a trained one.</summary>
+    public static ModelProto BagOfEmbeddings(float[] embeddings, int vocabulary, int hidden)
     {
         var graph = new OnnxGraph("bag_of_embeddings");
         graph.Input(InputIds, DataType.Int64, "batch", "sequence");
         graph.Input(AttentionMask, DataType.Int64, "batch", "sequence");
-        var weights = new Weights(seed, std: 0.5f);
-        var table = graph.Initializer("embeddings.word_embeddings.weight", weights.Normal(vocabulary * hidden), vocabulary, hidden);
+        var table = graph.Initializer(EmbeddingTable, embeddings, vocabulary, hidden);
         var gathered = graph.Node("Gather", [table, InputIds], ("axis", 0L));
         // Zero padded positions, so last_hidden_state means the same as an encoder's under the mask.
         var mask = Unsqueeze(graph, graph.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), 2, OnnxGraph.Opset, "mask_axes");

@@ -60,6 +60,8 @@ public sealed class RunRecord : ITableEntity
     public string ArtifactsJson { get; set; } = "{}";
     /// <summary>Milliseconds spent per stage, as JSON.</summary>
     public string TimingsJson { get; set; } = "{}";
+    /// <summary>Model metrics (validation accuracy, macro-F1, loss, ...) as JSON, from fine-tuning.</summary>
+    public string MetricsJson { get; set; } = "{}";
     /// <summary>The run spec as given (JSON), if any.</summary>
     public string? SpecJson { get; set; }
 
@@ -84,6 +86,18 @@ public sealed class RunRecord : ITableEntity
     public Dictionary<string, long> GetCounts() => RunJson.ReadCounts(CountsJson);
     public Dictionary<string, string> GetArtifacts() => RunJson.ReadStrings(ArtifactsJson);
     public Dictionary<string, double> GetTimings() => RunJson.ReadTimings(TimingsJson);
+    public Dictionary<string, double> GetMetrics() => RunJson.ReadTimings(MetricsJson);
+
+    public void SetMetrics(IReadOnlyDictionary<string, double> metrics)
+    {
+        var all = GetMetrics();
+        foreach (var (k, v) in metrics)
+        {
+            all[k] = Math.Round(v, 6);
+        }
+
+        MetricsJson = RunJson.Write(all);
+    }
 
     public void SetStage(string stage, string status)
     {

@@ -14,6 +14,7 @@ public sealed record RunView(
     Dictionary<string, long> Counts,
     Dictionary<string, string> Artifacts,
     Dictionary<string, double> TimingsMs,
+    Dictionary<string, double> Metrics,
     string? Error,
     string? ErrorCode,
     string? ReportPath,
@@ -23,7 +24,7 @@ public sealed record RunView(
     DateTimeOffset UpdatedAt)
 {
     public static RunView From(RunRecord run) => new(
-        1, run.RunId, run.Status, run.Stage, run.Source, run.DatasetId, run.GetStages(), run.GetCounts(), run.GetArtifacts(), run.GetTimings(),
+        1, run.RunId, run.Status, run.Stage, run.Source, run.DatasetId, run.GetStages(), run.GetCounts(), run.GetArtifacts(), run.GetTimings(), run.GetMetrics(),
         run.Error, run.ErrorCode, run.ReportPath, run.Attempt, run.LastError, run.CreatedAt, run.UpdatedAt);
 }
 

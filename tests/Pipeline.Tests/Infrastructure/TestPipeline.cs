@@ -22,7 +22,7 @@ public sealed class TestPipeline : IDisposable
             .AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString })
             .Build();
         var services = new ServiceCollection().AddLogging();
-        services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration);
+        services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration);
         if (configure is not null)
         {
             services.PostConfigure(configure);

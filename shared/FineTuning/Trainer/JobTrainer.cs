@@ -1,0 +1,319 @@
+using System.Text;
+using System.Text.Json;
+using Azure;
+using Google.Protobuf;
+using Microsoft.Extensions.Logging;
+using Microsoft.Extensions.Options;
+using Pipeline.Inference;
+using Pipeline.Models;
+using Pipeline.Models.Onnx.Proto;
+using Pipeline.Preprocessing;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.FineTuning.Trainer;
+
+/// <summary>
+/// The built-in trainer: honours the job contract (<c>jobs/&lt;jobId&gt;/</c>). It takes the job's lease (so
+/// one trainer works on a job at a time), reads the spec, the prepared shards and the base model, writes
+/// <c>status.json</c> heartbeats and <c>metrics.jsonl</c>, stops when <c>cancel.json</c> appears, and
+/// finally writes the model folder (one merged <c>model.onnx</c>, tokenizer files, <c>model.json</c> last).
+/// </summary>
+public sealed class JobTrainer(StorageClients storage, ILogger<JobTrainer> logger)
+{
+    public const string LeaseStage = "trainer";
+    private static readonly TimeSpan LeaseWait = TimeSpan.FromSeconds(45);
+
+    private JobStatus _status = new() { State = JobStates.Running, Time = DateTimeOffset.UtcNow };
+
+    /// <summary>Runs a job to its end; returns the process exit code (0 succeeded, cancelled or held by another trainer; 1 failed).</summary>
+    public async Task<int> RunAsync(string jobId, CancellationToken cancellationToken)
+    {
+        var job = new JobFiles(storage, jobId);
+        var spec = await BlobJson.ReadAsync(job.Spec, FineTuneJson.Default.JobSpec, cancellationToken);
+        if (spec is null)
+        {
+            logger.LogError("jobs/{JobId}/spec.json does not exist", jobId);
+            return 2;
+        }
+
+        var lease = await AcquireAsync(jobId, cancellationToken);
+        if (lease is null)
+        {
+            logger.LogWarning("Another trainer holds job {JobId}; leaving it to that one", jobId);
+            return 0;
+        }
+
+        await using (lease)
+        {
+            var attempt = (await BlobJson.ReadAsync(job.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))?.Attempt ?? 1;
+            using var cancel = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+            using var stopHeartbeat = new CancellationTokenSource();
+            _status = new JobStatus { State = JobStates.Running, Attempt = attempt, Epochs = spec.Hyperparameters.Epochs, Worker = Worker, Time = DateTimeOffset.UtcNow };
+            await WriteStatusAsync(job, CancellationToken.None);
+            var heartbeat = HeartbeatAsync(job, spec, cancel, stopHeartbeat.Token);
+            try
+            {
+                var metrics = await TrainAsync(job, spec, cancel.Token);
+                await StopAsync(stopHeartbeat, heartbeat);
+                _status = _status with { State = JobStates.Succeeded, Progress = 1, Metrics = metrics, Time = DateTimeOffset.UtcNow };
+                await WriteStatusAsync(job, CancellationToken.None);
+                logger.LogInformation("Job {JobId} finished: model {ModelId}, validation accuracy {Accuracy:P1}", jobId, spec.OutputModelId, metrics.GetValueOrDefault("validationAccuracy"));
+                return 0;
+            }
+            catch (OperationCanceledException) when (cancel.IsCancellationRequested)
+            {
+                await StopAsync(stopHeartbeat, heartbeat);
+                _status = _status with { State = JobStates.Cancelled, Error = "Cancelled (jobs/<jobId>/cancel.json).", Time = DateTimeOffset.UtcNow };
+                await WriteStatusAsync(job, CancellationToken.None);
+                logger.LogInformation("Job {JobId} was cancelled", jobId);
+                return 0;
+            }
+            catch (Exception e)
+            {
+                await StopAsync(stopHeartbeat, heartbeat);
+                _status = _status with { State = JobStates.Failed, Error = $"{e.GetType().Name}: {e.Message}", Time = DateTimeOffset.UtcNow };
+                await WriteStatusAsync(job, CancellationToken.None);
+                logger.LogError(e, "Job {JobId} failed", jobId);
+                return 1;
+            }
+        }
+    }
+
+    private static string Worker => $"{Environment.MachineName}/pid {Environment.ProcessId}";
+
+    private async Task<RunLease?> AcquireAsync(string jobId, CancellationToken cancellationToken)
+    {
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (true)
+        {
+            try
+            {
+                return await RunLease.AcquireAsync(storage, jobId, LeaseStage, cancellationToken);
+            }
+            catch (RunBusyException) when (clock.Elapsed < LeaseWait)
+            {
+                // A trainer that was killed keeps its lease until the lease expires (15 s).
+                await Task.Delay(TimeSpan.FromSeconds(1), cancellationToken);
+            }
+            catch (RunBusyException)
+            {
+                return null;
+            }
+        }
+    }
+
+    private static async Task StopAsync(CancellationTokenSource stop, Task heartbeat)
+    {
+        await stop.CancelAsync();
+        await heartbeat;
+    }
+
+    /// <summary>Rewrites status.json every heartbeat interval, and stops the job when cancel.json appears.</summary>
+    private async Task HeartbeatAsync(JobFiles job, JobSpec spec, CancellationTokenSource cancel, CancellationToken stop)
+    {
+        var interval = TimeSpan.FromSeconds(Math.Max(0.2, spec.HeartbeatSeconds));
+        while (!stop.IsCancellationRequested)
+        {
+            try
+            {
+                await Task.Delay(interval, stop);
+                if (await job.Cancel.ExistsAsync(stop))
+                {
+                    await cancel.CancelAsync();
+                }
+
+                _status = _status with { Time = DateTimeOffset.UtcNow };
+                await WriteStatusAsync(job, stop);
+            }
+            catch (OperationCanceledException)
+            {
+                return;
+            }
+            catch (RequestFailedException e)
+            {
+                logger.LogWarning(e, "Heartbeat of job {JobId} failed; trying again", spec.JobId);
+            }
+        }
+    }
+
+    private Task WriteStatusAsync(JobFiles job, CancellationToken cancellationToken) =>
+        BlobJson.WriteAsync(job.Status, _status, FineTuneJson.Default.JobStatus, cancellationToken);
+
+    private async Task<Dictionary<string, double>> TrainAsync(JobFiles job, JobSpec spec, CancellationToken cancellationToken)
+    {
+        var prepared = await ReadAsync(spec.PreparedManifest, PreprocessJson.Default.PreparedManifest, cancellationToken)
+            ?? throw new InvalidOperationException($"The prepared dataset {spec.PreparedManifest} does not exist.");
+        var baseManifest = await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Models).GetBlobClient($"{spec.BaseModel}/{ModelManifest.FileName}"), ModelJson.Default.ModelManifest, cancellationToken)
+            ?? throw new InvalidOperationException($"The base model {spec.BaseModel} has no model.json.");
+        var baseOnnx = (await storage.Container(StorageNames.Containers.Models).GetBlobClient($"{spec.BaseModel}/{baseManifest.OnnxPath}").DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
+        var baseModel = ModelProto.Parser.ParseFrom(baseOnnx);
+
+        var train = await ReadSplitAsync(prepared, "train", spec.Labels.Count, cancellationToken);
+        var validation = await ReadSplitAsync(prepared, "validation", spec.Labels.Count, cancellationToken);
+        if (train.Count == 0)
+        {
+            throw new InvalidOperationException($"The prepared dataset {spec.PreparedId} has no labelled training records.");
+        }
+
+        var table = baseModel.Graph.Initializer.FirstOrDefault(t => t.Name == ModelGenerator.EmbeddingTable && t.Dims.Count == 2);
+        var bagOfEmbeddings = baseModel.MetadataProps.Any(p => p.Key == ModelGenerator.KindProperty && p.Value == GeneratedModelSpec.BagOfEmbeddingsKind) && table is not null;
+        int hidden;
+        float[]? embeddings = null;
+        if (bagOfEmbeddings)
+        {
+            hidden = (int)table!.Dims[1];
+            embeddings = [.. table.FloatData];
+            if (embeddings.Length == 0)
+            {
+                embeddings = new float[table.RawData.Length / 4];
+                Buffer.BlockCopy(table.RawData.ToByteArray(), 0, embeddings, 0, table.RawData.Length);
+            }
+        }
+        else
+        {
+            // A frozen encoder: its pooled outputs are computed once with ONNX Runtime, then only the head trains.
+            using var sessions = new ModelSessions(storage, Options.Create(new InferenceSettings()), Microsoft.Extensions.Logging.Abstractions.NullLogger<ModelSessions>.Instance);
+            var runtime = await sessions.GetAsync(spec.BaseModel, cancellationToken);
+            var scorer = new BatchScorer(runtime, new InferenceSettings(), 2048, normalize: false);
+            train = train with { Features = await FeaturesAsync(scorer, train.Tokens!, cancellationToken) };
+            validation = validation with { Features = await FeaturesAsync(scorer, validation.Tokens!, cancellationToken) };
+            hidden = train.Features![0].Length;
+        }
+
+        var trainer = new ClassifierTrainer(spec.Hyperparameters, spec.Labels.Count, hidden);
+        var history = new List<EpochMetrics>();
+        var lastWrite = DateTimeOffset.MinValue;
+        var result = trainer.Train(train, validation, embeddings, p =>
+        {
+            _status = _status with { Epoch = p.Epoch, Step = p.Step, Steps = p.Steps, Progress = Math.Round((double)p.Step / Math.Max(1, p.Steps), 4) };
+            if (p.Completed is { } epoch)
+            {
+                history.Add(epoch);
+                _status = _status with
+                {
+                    Metrics = new Dictionary<string, double>
+                    {
+                        ["trainLoss"] = epoch.TrainLoss,
+                        ["validationLoss"] = epoch.ValidationLoss,
+                        ["validationAccuracy"] = epoch.ValidationAccuracy,
+                        ["validationMacroF1"] = epoch.ValidationMacroF1,
+                    },
+                };
+                var lines = string.Concat(history.Select(h => JsonSerializer.Serialize(h, FineTuneJson.Default.EpochMetrics).ReplaceLineEndings("") + "\n"));
+                job.Metrics.Upload(new BinaryData(Encoding.UTF8.GetBytes(lines)), overwrite: true, cancellationToken);
+            }
+        }, cancellationToken);
+
+        var best = result.Epochs.Single(e => e.Epoch == result.BestEpoch);
+        var baseline = ClassifierTrainer.MajorityBaseline(validation.Labels, spec.Labels.Count);
+        var metrics = new Dictionary<string, double>
+        {
+            ["validationAccuracy"] = best.ValidationAccuracy,
+            ["validationMacroF1"] = best.ValidationMacroF1,
+            ["validationLoss"] = best.ValidationLoss,
+            ["trainLoss"] = best.TrainLoss,
+            ["majorityBaselineAccuracy"] = Math.Round(baseline, 6),
+            ["accuracyPointsOverBaseline"] = Math.Round(100 * (best.ValidationAccuracy - baseline), 2),
+            ["bestEpoch"] = result.BestEpoch,
+            ["epochsRun"] = result.Epochs.Count,
+            ["trainExamples"] = train.Count,
+            ["validationExamples"] = validation.Count,
+            ["trainExamplesPerSecond"] = Math.Round(result.Epochs.Average(e => e.ExamplesPerSecond), 1),
+        };
+
+        var merged = bagOfEmbeddings && result.Embeddings is { } trained
+            ? ModelGenerator.WithClassificationHead(ModelGenerator.BagOfEmbeddings(trained, (int)table!.Dims[0], hidden), result.Weight, result.Bias, spec.Labels.Count)
+            : ModelGenerator.WithClassificationHead(baseModel, result.Weight, result.Bias, spec.Labels.Count);
+        var files = new Dictionary<string, byte[]>();
+        if (baseManifest.Tokenizer.Files is { Length: > 0 } folder)
+        {
+            var container = storage.Container(folder[..folder.IndexOf('/')]);
+            var prefix = folder[(folder.IndexOf('/') + 1)..].TrimEnd('/') + "/";
+            await foreach (var blob in container.GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, prefix, cancellationToken))
+            {
+                var name = blob.Name[prefix.Length..];
+                if (name is "vocab.txt" or "vocab.json" or "merges.txt" or "tokenizer.model" or "tokenizer.json" or "tokenizer_config.json")
+                {
+                    files[name] = (await container.GetBlobClient(blob.Name).DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
+                }
+            }
+        }
+
+        var lineage = new ModelLineage
+        {
+            DatasetId = spec.DatasetId,
+            PreparedId = spec.PreparedId,
+            BaseModel = spec.BaseModel,
+            Source = $"{StorageNames.Containers.Jobs}/{spec.JobId}/",
+            Hyperparameters = JsonSerializer.SerializeToElement(spec.Hyperparameters, FineTuneJson.Default.Hyperparameters),
+            Metrics = metrics,
+        };
+        await new ModelRegistry(storage).WriteAsync(spec.OutputModelId, merged, baseManifest.Tokenizer, files, baseManifest.VocabularySize,
+            ModelTasks.Classification, spec.Labels, prepared.MaxSequenceLength, lineage, cancellationToken);
+        return metrics;
+    }
+
+    private static async Task<List<float[]>> FeaturesAsync(BatchScorer scorer, List<int[]> tokens, CancellationToken cancellationToken)
+    {
+        var (rows, _) = await scorer.ScoreTokensAsync(tokens, cancellationToken);
+        return [.. rows.Select((r, i) => r.Values ?? throw new InvalidOperationException($"The base model failed on training example {i}: {r.Error}"))];
+    }
+
+    private async Task<T?> ReadAsync<T>(string path, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> type, CancellationToken cancellationToken)
+        where T : class
+    {
+        var slash = path.IndexOf('/');
+        return await BlobJson.ReadAsync(storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]), type, cancellationToken);
+    }
+
+    /// <summary>A split's labelled records from its shards: <c>{"input_ids":[...],"label":k,...}</c> per line.</summary>
+    private async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)
+    {
+        var tokens = new List<int[]>();
+        var labels = new List<int>();
+        foreach (var shard in prepared.Shards.Where(s => s.Split == split))
+        {
+            var slash = shard.Path.IndexOf('/');
+            var blob = storage.Container(shard.Path[..slash]).GetBlobClient(shard.Path[(slash + 1)..]);
+            Stream stream;
+            try
+            {
+                stream = (await blob.DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
+            }
+            catch (RequestFailedException e) when (e.Status == 404)
+            {
+                throw new InvalidOperationException($"The prepared shard {shard.Path} is missing: the prepared dataset was changed after the job was submitted. Preprocess the dataset again.");
+            }
+
+            using var reader = new StreamReader(stream);
+            while (await reader.ReadLineAsync(cancellationToken) is { } line)
+            {
+                using var record = JsonDocument.Parse(line);
+                if (!record.RootElement.TryGetProperty("label", out var label) || label.GetInt32() is var id && (id < 0 || id >= classes))
+                {
+                    continue;
+                }
+
+                tokens.Add([.. record.RootElement.GetProperty("input_ids").EnumerateArray().Select(t => t.GetInt32())]);
+                labels.Add(label.GetInt32());
+            }
+        }
+
+        return new TrainingSet(tokens, null, [.. labels]);
+    }
+}
+
+/// <summary>The blobs of one job: <c>jobs/&lt;jobId&gt;/{spec,status,submission,cancel}.json</c> and <c>metrics.jsonl</c>.</summary>
+public sealed class JobFiles(StorageClients storage, string jobId)
+{
+    private Azure.Storage.Blobs.BlobClient Blob(string name) => storage.Container(StorageNames.Containers.Jobs).GetBlobClient($"{jobId}/{name}");
+
+    public string JobId => jobId;
+    public Azure.Storage.Blobs.BlobClient Spec => Blob("spec.json");
+    public Azure.Storage.Blobs.BlobClient Status => Blob("status.json");
+    public Azure.Storage.Blobs.BlobClient Submission => Blob("submission.json");
+    public Azure.Storage.Blobs.BlobClient Cancel => Blob("cancel.json");
+    public Azure.Storage.Blobs.BlobClient Metrics => Blob("metrics.jsonl");
+    public string SpecPath => $"{StorageNames.Containers.Jobs}/{jobId}/spec.json";
+}
