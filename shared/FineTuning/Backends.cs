@@ -36,6 +36,8 @@ public sealed class LocalBackendOptions
 {
     /// <summary>Trainer processes this host runs at once; further jobs wait (queued) until one ends.</summary>
     public int MaxConcurrentJobs { get; set; } = 1;
+    /// <summary>The trainer program (Pipeline.Functions, or its .dll run with dotnet). Default: this executable.</summary>
+    public string? TrainerPath { get; set; }
 }
 
 public sealed class AzureMlOptions
@@ -111,7 +113,7 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, Micro
             return Task.FromResult<string?>(null);
         }
 
-        var start = TrainerStart(job.JobId);
+        var start = TrainerStart(job.JobId, options.Value.Local.TrainerPath);
         start.Environment[StorageClients.ConnectionSetting] = configuration[StorageClients.ConnectionSetting] ?? "UseDevelopmentStorage=true";
         foreach (var (key, value) in options.Value.TrainerEnvironment)
         {
@@ -129,11 +131,16 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, Micro
     }
 
     /// <summary>This executable with <c>train --job &lt;jobId&gt;</c> (under <c>dotnet</c> when it runs as a dll).</summary>
-    public static ProcessStartInfo TrainerStart(string jobId)
+    public static ProcessStartInfo TrainerStart(string jobId, string? trainerPath = null)
     {
-        var process = Environment.ProcessPath ?? "dotnet";
+        var process = trainerPath is { Length: > 0 } && !trainerPath.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) ? trainerPath : Environment.ProcessPath ?? "dotnet";
         var start = new ProcessStartInfo(process) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        if (Path.GetFileNameWithoutExtension(process).Equals("dotnet", StringComparison.OrdinalIgnoreCase))
+        if (trainerPath?.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) == true)
+        {
+            start.FileName = "dotnet";
+            start.ArgumentList.Add(trainerPath);
+        }
+        else if (Path.GetFileNameWithoutExtension(process).Equals("dotnet", StringComparison.OrdinalIgnoreCase))
         {
             start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Pipeline.Functions.dll"));
         }

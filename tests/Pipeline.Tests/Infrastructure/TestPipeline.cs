@@ -16,10 +16,11 @@ public sealed class TestPipeline : IDisposable
 {
     private readonly ServiceProvider _services;
 
-    public TestPipeline(Azurite azurite, Action<IngestionOptions>? configure = null)
+    public TestPipeline(Azurite azurite, Action<IngestionOptions>? configure = null, IDictionary<string, string?>? settings = null)
     {
         var configuration = new ConfigurationBuilder()
             .AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString })
+            .AddInMemoryCollection(settings ?? new Dictionary<string, string?>())
             .Build();
         var services = new ServiceCollection().AddLogging();
         services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration);
