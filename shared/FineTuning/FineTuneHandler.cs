@@ -335,7 +335,9 @@ public sealed class FineTuneHandler(
             }
 
             // Lost: submit again (a new attempt; the trainer restarts from the spec, deterministically).
+            // The silent trainer is declared dead: its lease is broken so the new attempt starts at once.
             await backend.CancelAsync(job, submission, cancellationToken);
+            await RunLease.BreakAsync(storage, job.JobId, JobTrainer.LeaseStage, cancellationToken);
             var attempt = submission.Attempt + 1;
             var handle = await backend.SubmitAsync(job, attempt, cancellationToken);
             await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = handle, SubmittedAt = now }, cancellationToken);

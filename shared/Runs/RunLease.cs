@@ -56,6 +56,19 @@ public sealed class RunLease : IAsyncDisposable
         return new RunLease(lease);
     }
 
+    /// <summary>Ends whoever holds the lease now (a holder declared dead), so the next claimant does not wait for it to expire.</summary>
+    public static async Task BreakAsync(StorageClients storage, string runId, string stage, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await storage.Container(StorageNames.Containers.Datasets).GetBlobClient($"_locks/{runId}.{stage}").GetBlobLeaseClient().BreakAsync(TimeSpan.Zero, cancellationToken: cancellationToken);
+        }
+        catch (RequestFailedException e) when (e.Status is 404 or 409)
+        {
+            // No lock blob, or no lease on it: nothing to break.
+        }
+    }
+
     private async Task RenewAsync()
     {
         try
