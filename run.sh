@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job. `./run.sh`: install, start Azurite and the local host, submit the sample dataset, wait for
-# its run, print the summary, stop everything. `./run.sh host`: start Azurite and the local host and keep
+# The main job. `./run.sh`: install, start Azurite and the local host, submit the sample dataset with its
+# run spec (ingest, preprocess, fine-tune, score a file with the new model), wait for the run, print the
+# validation accuracy, the throughput and where every artifact is, stop everything. `./run.sh host`: start Azurite and the local host and keep
 # them running (Ctrl-C stops them) so you can drop your own files into the `incoming` container.
 set -euo pipefail
 source "$(dirname "$0")/scripts/common.sh"
@@ -21,22 +22,16 @@ case "$MODE" in
     say "Starting Azurite and the local host"
     start_azurite "$DATA" 10000
     start_host
-    say "Submitting samples/reviews.txt (run spec: samples/reviews.pipeline.json)"
+    say "Submitting samples/reviews.txt (run spec: samples/reviews.pipeline.json): ingest, preprocess, fine-tune, then score samples/to-score.jsonl"
     status=0
-    pipeline submit "$ROOT/samples/reviews.txt" --spec "$ROOT/samples/reviews.pipeline.json" --wait --timeout 300 || status=$?
+    pipeline submit "$ROOT/samples/reviews.txt" --spec "$ROOT/samples/reviews.pipeline.json" --score "$ROOT/samples/to-score.jsonl" --wait --timeout 600 || status=$?
     if [[ $status -ne 0 ]]; then
       say "The run did not succeed (exit code $status); the host log is in $RUN_DIR/host.log"
       exit "$status"
     fi
-    say "Generating an embedding model (bag-of-embeddings over cl100k_base, seeded) and scoring samples/to-score.jsonl"
-    pipeline models generate demo-embedder --kind bag-of-embeddings --hidden 64
-    pipeline infer --model demo-embedder "$ROOT/samples/to-score.jsonl" --normalize --rows-per-shard 500 --wait --timeout 300 || status=$?
-    if [[ $status -ne 0 ]]; then
-      say "Scoring did not succeed (exit code $status); the host log is in $RUN_DIR/host.log"
-      exit "$status"
-    fi
+    print_model_summary reviews-sentiment
     print_batch_summary
-    say "Done. Every artifact is listed above as container/path in the storage account; 'pipeline artifacts <runId>' downloads them."
+    say "Done. Every artifact is listed above as container/path in the storage account; 'pipeline artifacts <runId>' downloads them, 'pipeline lineage <batchId>' traces the predictions back to the source file."
     ;;
   host)
     say "Starting Azurite (data in .azurite/) and the local host"

@@ -163,15 +163,15 @@ public static class LocalCommands
 
     public static Command Lineage()
     {
-        var artifact = new Argument<string>("artifact") { Description = "A run id (run-...), dataset id (ds-...) or prepared id (pp-...)." };
-        var command = new Command("lineage", "Trace an artifact back to its source blob and every setting used.") { artifact };
+        var artifact = new Argument<string>("artifact") { Description = "A batch id (bt-...), model id, run id (run-...), dataset id (ds-...) or prepared id (pp-...)." };
+        var command = new Command("lineage", "Trace an artifact back to its source blob and every setting used: predictions to model, model to prepared data, prepared data to dataset, dataset to source.") { artifact };
         command.SetAction(async (parse, ct) =>
         {
             var storage = CliOptions.Storage(parse);
             var chain = await TraceAsync(storage, parse.GetValue(artifact)!, ct);
             if (chain is null)
             {
-                return CliOptions.Fail($"Nothing found for '{parse.GetValue(artifact)}'. Give a run id, dataset id or prepared id (pipeline runs, pipeline datasets).", CliOptions.ExitCodes.NotFound);
+                return CliOptions.Fail($"Nothing found for '{parse.GetValue(artifact)}'. Give a batch id, model id, run id, dataset id or prepared id (pipeline batches, models, runs, datasets).", CliOptions.ExitCodes.NotFound);
             }
 
             if (CliOptions.Json(parse))
@@ -211,7 +211,31 @@ public static class LocalCommands
         var chain = new JsonObject();
         string? datasetId = null;
         string? preparedPath = null;
-        if (id.StartsWith("run-", StringComparison.Ordinal))
+        string? preparedId = null;
+        string? modelId = null;
+        if (id.StartsWith("bt-", StringComparison.Ordinal))
+        {
+            var batch = await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Outputs).GetBlobClient($"{id}/manifest.json"), Pipeline.Inference.InferenceJson.Default.InferenceManifest, cancellationToken);
+            if (batch is null)
+            {
+                return null;
+            }
+
+            chain["batch"] = new JsonObject
+            {
+                ["manifest"] = $"{StorageNames.Containers.Outputs}/{id}/manifest.json",
+                ["status"] = batch.Status,
+                ["input"] = batch.Input,
+                ["rows"] = batch.Rows,
+                ["failed"] = batch.Failed,
+                ["options"] = JsonNode.Parse(JsonSerializer.Serialize(batch.Options, Pipeline.Inference.InferenceJson.Default.InferenceOptions)),
+                ["executionProvider"] = batch.ExecutionProvider,
+                ["results"] = batch.Results,
+                ["run"] = batch.RunId,
+            };
+            modelId = batch.ModelId;
+        }
+        else if (id.StartsWith("run-", StringComparison.Ordinal))
         {
             var run = await new RunStore(storage).GetAsync(id, cancellationToken);
             if (run is null)
@@ -222,22 +246,54 @@ public static class LocalCommands
             chain["run"] = JsonNode.Parse(JsonSerializer.Serialize(RunView.From(run), ViewJson.Default.RunView));
             datasetId = run.DatasetId;
             preparedPath = run.GetArtifacts().GetValueOrDefault("preparedManifest")?["datasets/".Length..];
+            modelId = run.GetArtifacts().GetValueOrDefault("model")?.Split('/')[1];
         }
         else if (id.StartsWith("pp-", StringComparison.Ordinal))
         {
-            await foreach (var blob in datasets.GetBlobsAsync(BlobTraits.None, BlobStates.None, null, cancellationToken))
-            {
-                if (blob.Name.EndsWith($"/prepared/{id}/manifest.json", StringComparison.Ordinal))
-                {
-                    preparedPath = blob.Name;
-                    datasetId = blob.Name[..blob.Name.IndexOf('/')];
-                    break;
-                }
-            }
+            preparedId = id;
+        }
+        else if (id.StartsWith("ds-", StringComparison.Ordinal))
+        {
+            datasetId = id;
         }
         else
         {
-            datasetId = id;
+            modelId = id;
+        }
+
+        if (modelId is not null && await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Models).GetBlobClient($"{modelId}/model.json"), Pipeline.Models.ModelJson.Default.ModelManifest, cancellationToken) is { } model)
+        {
+            chain["model"] = new JsonObject
+            {
+                ["folder"] = $"{StorageNames.Containers.Models}/{modelId}/",
+                ["task"] = model.Task,
+                ["labels"] = new JsonArray([.. model.Labels.Select(l => JsonValue.Create(l))]),
+                ["tokenizer"] = JsonNode.Parse(JsonSerializer.Serialize(model.Tokenizer, Pipeline.Preprocessing.PreprocessJson.Default.TokenizerSpec)),
+                ["baseModel"] = model.Lineage.BaseModel,
+                ["job"] = model.Lineage.Source,
+                ["hyperparameters"] = model.Lineage.Hyperparameters is { } hyper ? JsonNode.Parse(hyper.GetRawText()) : null,
+                ["metrics"] = model.Lineage.Metrics is { } metrics ? new JsonObject(metrics.Select(m => KeyValuePair.Create(m.Key, (JsonNode?)JsonValue.Create(m.Value)))) : null,
+            };
+            datasetId ??= model.Lineage.DatasetId;
+            preparedId ??= model.Lineage.PreparedId;
+        }
+        else if (chain.Count == 0 && preparedId is null && datasetId is null)
+        {
+            return null;
+        }
+
+        if (preparedPath is null && preparedId is not null)
+        {
+            var prefix = datasetId is null ? null : $"{datasetId}/prepared/";
+            await foreach (var blob in datasets.GetBlobsAsync(BlobTraits.None, BlobStates.None, prefix, cancellationToken))
+            {
+                if (blob.Name.EndsWith($"/prepared/{preparedId}/manifest.json", StringComparison.Ordinal))
+                {
+                    preparedPath = blob.Name;
+                    datasetId ??= blob.Name[..blob.Name.IndexOf('/')];
+                    break;
+                }
+            }
         }
 
         if (preparedPath is not null && await Read(preparedPath) is JsonObject prepared)

@@ -6,6 +6,7 @@ root.Options.Add(CliOptions.Connection);
 root.Options.Add(CliOptions.Output);
 root.Subcommands.Add(SubmitCommand.Create());
 root.Subcommands.Add(InferCommand.Create());
+root.Subcommands.Add(FineTuneCommandLine.Create());
 root.Subcommands.Add(RunsCommands.Status());
 root.Subcommands.Add(RunsCommands.List());
 root.Subcommands.Add(RunsCommands.Poison());

@@ -144,7 +144,8 @@ public static class RunsCommands
             $" ({counts.GetValueOrDefault("inferenceShardsDone")} of {counts.GetValueOrDefault("inferenceShards")} shards, {counts.GetValueOrDefault("inferenceRowsPerSecond"):N0} rows/s" +
             (counts.GetValueOrDefault("inferenceEtaSeconds") > 0 ? $", ETA {counts["inferenceEtaSeconds"]} s)" : ")"),
         Stages.FineTune when counts.TryGetValue("fineTuneEpoch", out var epoch) =>
-            $"{run.Stage}: {run.Status}, epoch {epoch} of {counts.GetValueOrDefault("fineTuneEpochs")}, step {counts.GetValueOrDefault("fineTuneStep"):N0}, progress {counts.GetValueOrDefault("fineTuneProgressPercent")}%",
+            $"{run.Stage}: {run.Status}, epoch {epoch} of {counts.GetValueOrDefault("fineTuneEpochs")}, step {counts.GetValueOrDefault("fineTuneStep"):N0}, progress {counts.GetValueOrDefault("fineTuneProgressPercent")}%" +
+            (run.GetMetrics().TryGetValue("validationAccuracy", out var accuracy) ? $", validation accuracy {accuracy:P1}, loss {run.GetMetrics().GetValueOrDefault("validationLoss"):N3}" : ""),
         _ => $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read",
     };
 
@@ -170,6 +171,11 @@ public static class RunsCommands
         if (run.DatasetId is not null)
         {
             grid.AddRow("[bold]Dataset[/]", run.DatasetId);
+        }
+
+        if (run.GetMetrics() is { Count: > 0 } metrics)
+        {
+            grid.AddRow("[bold]Metrics[/]", Markup.Escape(string.Join(", ", metrics.Select(m => $"{m.Key} {m.Value:0.####}"))));
         }
 
         grid.AddRow("[bold]Counts[/]", Markup.Escape(string.Join(", ", run.GetCounts().Select(c => $"{c.Key} {c.Value:N0}"))));

@@ -17,7 +17,8 @@ public static class SubmitCommand
         var wait = new Option<bool>("--wait") { Description = "Follow the run until it ends (or reaches --until) and print its summary." };
         var until = new Option<string?>("--until") { Description = "With --wait: stop waiting once this stage has ended (default: wait until the run ends)." };
         var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds to wait before giving up (exit code 4).", DefaultValueFactory = _ => 600 };
-        var command = new Command("submit", "Upload a data file into the incoming container and print its run id.") { file, spec, name, wait, until, timeout };
+        var score = new Option<FileInfo?>("--score") { Description = "A file to score with the fine-tuned model once it is registered (uploaded to outputs/inputs/; needs a fineTune section in the spec)." };
+        var command = new Command("submit", "Upload a data file into the incoming container and print its run id.") { file, spec, name, wait, until, timeout, score };
         command.SetAction(async (parse, ct) =>
         {
             var source = parse.GetValue(file)!;
@@ -33,6 +34,31 @@ public static class SubmitCommand
             if (parse.GetValue(spec) is { } specFile)
             {
                 var specBytes = await File.ReadAllBytesAsync(specFile.FullName, ct);
+                if (parse.GetValue(score) is { } scoreFile)
+                {
+                    // The fine-tuned model scores this file in the same run: fineTune.infer names its uploaded copy.
+                    if (System.Text.Json.Nodes.JsonNode.Parse(specBytes) is not System.Text.Json.Nodes.JsonObject specJson || specJson["fineTune"] is not System.Text.Json.Nodes.JsonObject fineTune)
+                    {
+                        return CliOptions.Fail($"--score needs a run spec with a fineTune section; {specFile.Name} has none.", CliOptions.ExitCodes.UsageError);
+                    }
+
+                    if (!scoreFile.Exists)
+                    {
+                        return CliOptions.Fail($"{scoreFile.FullName} does not exist.", CliOptions.ExitCodes.UsageError);
+                    }
+
+                    var scoreBlob = $"{InferCommand.InputsPrefix}{scoreFile.Name}";
+                    await using (var scoreStream = scoreFile.OpenRead())
+                    {
+                        await storage.Container(StorageNames.Containers.Outputs).GetBlobClient(scoreBlob).UploadAsync(scoreStream, overwrite: true, ct);
+                    }
+
+                    var infer = fineTune["infer"] as System.Text.Json.Nodes.JsonObject ?? [];
+                    infer["input"] = $"{StorageNames.Containers.Outputs}/{scoreBlob}";
+                    fineTune["infer"] = infer;
+                    specBytes = System.Text.Encoding.UTF8.GetBytes(specJson.ToJsonString());
+                }
+
                 try
                 {
                     RunSpec.Parse(specBytes, specFile.Name);

@@ -101,3 +101,15 @@ print_batch_summary() {
     console.error(`  ${b.rowsPerSecond} rows/s, ${b.tokensPerSecond} tokens/s end to end (model alone: ${b.modelRowsPerSecond} rows/s), padding ${(100 * b.paddingFraction).toFixed(1)}%`);
     console.error(`  results: ${b.results}\n  errors:  ${b.errors}\n  ledger:  ${b.ledger}`);'
 }
+
+# print_model_summary MODEL_ID: the fine-tuned model's validation metrics and lineage (from its model.json).
+print_model_summary() {
+  pipeline models --output json | node -e '
+    const id = process.argv[1];
+    const m = JSON.parse(require("fs").readFileSync(0, "utf8")).find(x => x.modelId === id);
+    if (!m) { console.error(`model ${id} not found`); process.exit(1); }
+    const x = m.lineage.metrics || {};
+    console.error(`Model ${m.modelId} (${m.task}, labels ${m.labels.join("/")}): validation accuracy ${(100 * x.validationAccuracy).toFixed(1)}% vs majority baseline ${(100 * x.majorityBaselineAccuracy).toFixed(1)}% (+${x.accuracyPointsOverBaseline} points), macro-F1 ${x.validationMacroF1}`);
+    console.error(`  trained from ${m.lineage.baseModel} on ${m.lineage.datasetId} / ${m.lineage.preparedId} (job ${m.lineage.source}), ${x.trainExamplesPerSecond} examples/s`);
+    console.error(`  folder: models/${m.modelId}/ (model.onnx, model.json)`);' "$1"
+}

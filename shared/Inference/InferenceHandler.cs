@@ -650,7 +650,7 @@ public sealed class InferenceHandler(
             });
             r.SetArtifact("batch", $"{StorageNames.Containers.Outputs}/{files.Prefix}");
             r.SetArtifact("results", manifest.Results);
-            r.SetArtifact("errors", manifest.Errors);
+            r.SetArtifact("inferenceErrors", manifest.Errors);
             r.SetArtifact("ledger", manifest.Ledger);
             r.SetArtifact("inferenceManifest", files.PathOf(files.Manifest));
             r.SetTiming(Stages.Inference, TimeSpan.FromMilliseconds(manifest.TimingsMs.GetValueOrDefault("total")));

@@ -93,7 +93,7 @@ public sealed class InferenceHostTests : IAsyncLifetime
         var results = await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, run.GetArtifacts()["results"]["outputs/".Length..]);
         Assert.Equal(["a", "c"], results.Select(r => r.GetProperty("custom_id").GetString()));
         Assert.All(results, r => Assert.Equal(16, r.GetProperty("embedding").GetArrayLength()));
-        var errors = await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, run.GetArtifacts()["errors"]["outputs/".Length..]);
+        var errors = await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, run.GetArtifacts()["inferenceErrors"]["outputs/".Length..]);
         Assert.Equal("b", Assert.Single(errors).GetProperty("custom_id").GetString());
     }
 }
