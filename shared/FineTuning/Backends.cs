@@ -6,6 +6,7 @@ using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using Azure.Core;
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Pipeline.Storage;
@@ -16,6 +17,13 @@ namespace Pipeline.FineTuning;
 public sealed class FineTuneOptions
 {
     public const string Section = "Pipeline:FineTune";
+
+    /// <summary>The backend a run gets when its spec names none: <c>local</c>, <c>azureml</c> or <c>containerapps</c> (the templates set it).</summary>
+    public string Backend { get; set; } = FineTuneBackends.Local;
+    /// <summary>The trainer image (Container Apps executions; the templates set it).</summary>
+    public string? TrainerImage { get; set; }
+    /// <summary>The client id of the trainers' user-assigned identity: cloud trainers reach storage with it.</summary>
+    public string? TrainerClientId { get; set; }
 
     /// <summary>First poll of a submitted job; polls back off by doubling to <see cref="MonitorMaxDelay"/>.</summary>
     public TimeSpan MonitorInitialDelay { get; set; } = TimeSpan.FromSeconds(2);
@@ -44,11 +52,13 @@ public sealed class AzureMlOptions
 {
     public string Endpoint { get; set; } = "https://management.azure.com";
     public string ApiVersion { get; set; } = "2024-10-01";
+    /// <summary>The workspace's ARM id (the templates set it); or the three parts below.</summary>
+    public string? WorkspaceResourceId { get; set; }
     public string SubscriptionId { get; set; } = "";
     public string ResourceGroup { get; set; } = "";
     public string Workspace { get; set; } = "";
     /// <summary>The compute cluster's name (GPU).</summary>
-    public string Compute { get; set; } = "";
+    public string ComputeName { get; set; } = "";
     /// <summary>The ARM id of the environment version with the trainer image.</summary>
     public string EnvironmentId { get; set; } = "";
     /// <summary>The trainer's command; <c>{jobId}</c> is replaced.</summary>
@@ -60,12 +70,15 @@ public sealed class ContainerAppsOptions
 {
     public string Endpoint { get; set; } = "https://management.azure.com";
     public string ApiVersion { get; set; } = "2025-07-01";
+    /// <summary>The Container Apps job's ARM id (the templates set it); or the three parts below.</summary>
+    public string? JobResourceId { get; set; }
     public string SubscriptionId { get; set; } = "";
     public string ResourceGroup { get; set; } = "";
     /// <summary>The Container Apps job (on a GPU workload profile) whose executions run trainers.</summary>
     public string JobName { get; set; } = "";
     /// <summary>The job template's container name and image (overrides must repeat both).</summary>
     public string ContainerName { get; set; } = "trainer";
+    /// <summary>Default: <see cref="FineTuneOptions.TrainerImage"/>.</summary>
     public string Image { get; set; } = "";
     public double Cpu { get; set; } = 8;
     public string Memory { get; set; } = "56Gi";
@@ -91,7 +104,7 @@ public interface IFineTuneBackend
 /// <c>train</c> verb), a configurable number at a time. It survives a host restart: the heartbeat rules
 /// decide, not the process handle.
 /// </summary>
-public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, Microsoft.Extensions.Configuration.IConfiguration configuration, ILogger<LocalProcessBackend> logger) : IFineTuneBackend
+public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConfiguration configuration, ILogger<LocalProcessBackend> logger) : IFineTuneBackend
 {
     private static readonly ConcurrentDictionary<string, Process> Running = new();
 
@@ -114,7 +127,12 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, Micro
         }
 
         var start = TrainerStart(job.JobId, options.Value.Local.TrainerPath);
-        start.Environment[StorageClients.ConnectionSetting] = configuration[StorageClients.ConnectionSetting] ?? "UseDevelopmentStorage=true";
+        // The storage settings reach the trainer: a connection string, or the identity-based settings (inherited from this process's environment).
+        foreach (var (key, value) in configuration.AsEnumerable().Where(c => c.Value is not null && (c.Key == StorageClients.ConnectionSetting || c.Key.StartsWith(StorageClients.ConnectionSetting + ":", StringComparison.Ordinal))))
+        {
+            start.Environment[key.Replace(":", "__", StringComparison.Ordinal)] = value;
+        }
+
         foreach (var (key, value) in options.Value.TrainerEnvironment)
         {
             start.Environment[key] = value;
@@ -216,11 +234,31 @@ public abstract class ArmBackend(HttpClient http, TokenCredential credential)
     }
 
     /// <summary>The trainer's environment: where the job is, plus the configured settings (storage account, identity).</summary>
-    protected static Dictionary<string, string> TrainerEnvironment(JobSpec job, FineTuneOptions options) => new(options.TrainerEnvironment)
+    protected static Dictionary<string, string> TrainerEnvironment(JobSpec job, FineTuneOptions options)
     {
-        ["PIPELINE_JOB_ID"] = job.JobId,
-        ["PIPELINE_JOB_SPEC"] = $"{StorageNames.Containers.Jobs}/{job.JobId}/spec.json",
-    };
+        var environment = new Dictionary<string, string>(options.TrainerEnvironment)
+        {
+            ["PIPELINE_JOB_ID"] = job.JobId,
+            ["PIPELINE_JOB_SPEC"] = $"{StorageNames.Containers.Jobs}/{job.JobId}/spec.json",
+        };
+        if (options.TrainerClientId is { Length: > 0 } clientId)
+        {
+            // The trainers' user-assigned identity reaches storage (AzureWebJobsStorage__clientId) and anything else (AZURE_CLIENT_ID).
+            environment.TryAdd("AZURE_CLIENT_ID", clientId);
+            environment.TryAdd($"{StorageClients.ConnectionSetting}__clientId", clientId);
+        }
+
+        return environment;
+    }
+
+    /// <summary>The parts of an ARM id: <c>/subscriptions/{s}/resourceGroups/{g}/providers/{namespace}/{type}/{name}</c>.</summary>
+    public static (string Subscription, string ResourceGroup, string Name) ParseResourceId(string id)
+    {
+        var parts = id.Trim('/').Split('/');
+        return parts.Length >= 8 && parts[0].Equals("subscriptions", StringComparison.OrdinalIgnoreCase) && parts[2].Equals("resourceGroups", StringComparison.OrdinalIgnoreCase)
+            ? (parts[1], parts[3], parts[^1])
+            : throw new InvalidOperationException($"'{id}' is not an ARM resource id (/subscriptions/.../resourceGroups/.../providers/...).");
+    }
 }
 
 /// <summary>
@@ -233,7 +271,9 @@ public sealed class AzureMlBackend(HttpClient http, TokenCredential credential, 
 
     private AzureMlOptions Settings => options.Value.AzureMl;
 
-    private string Workspace => $"/subscriptions/{Settings.SubscriptionId}/resourceGroups/{Settings.ResourceGroup}/providers/Microsoft.MachineLearningServices/workspaces/{Settings.Workspace}";
+    private string Workspace => Settings.WorkspaceResourceId is { Length: > 0 } id
+        ? "/" + id.Trim('/')
+        : $"/subscriptions/{Settings.SubscriptionId}/resourceGroups/{Settings.ResourceGroup}/providers/Microsoft.MachineLearningServices/workspaces/{Settings.Workspace}";
 
     public static string JobName(string jobId, int attempt) => attempt <= 1 ? jobId : $"{jobId}-a{attempt}";
 
@@ -257,7 +297,7 @@ public sealed class AzureMlBackend(HttpClient http, TokenCredential credential, 
                 ["experimentName"] = Settings.ExperimentName,
                 ["command"] = Settings.Command.Replace("{jobId}", job.JobId, StringComparison.Ordinal),
                 ["environmentId"] = Settings.EnvironmentId,
-                ["computeId"] = $"{Workspace}/computes/{Settings.Compute}",
+                ["computeId"] = $"{Workspace}/computes/{Settings.ComputeName}",
                 ["environmentVariables"] = environment,
                 ["resources"] = new JsonObject { ["instanceCount"] = 1 },
                 ["limits"] = new JsonObject { ["jobLimitsType"] = "Command", ["timeout"] = System.Xml.XmlConvert.ToString(TimeSpan.FromMinutes(Math.Ceiling(job.MaxDurationMinutes))) },
@@ -297,8 +337,11 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
 
     private ContainerAppsOptions Settings => options.Value.ContainerApps;
 
-    private string JobUrl(string suffix) =>
-        $"{Settings.Endpoint.TrimEnd('/')}/subscriptions/{Settings.SubscriptionId}/resourceGroups/{Settings.ResourceGroup}/providers/Microsoft.App/jobs/{Settings.JobName}{suffix}?api-version={Settings.ApiVersion}";
+    private string JobPath => Settings.JobResourceId is { Length: > 0 } id
+        ? "/" + id.Trim('/')
+        : $"/subscriptions/{Settings.SubscriptionId}/resourceGroups/{Settings.ResourceGroup}/providers/Microsoft.App/jobs/{Settings.JobName}";
+
+    private string JobUrl(string suffix) => $"{Settings.Endpoint.TrimEnd('/')}{JobPath}{suffix}?api-version={Settings.ApiVersion}";
 
     public async Task<string?> SubmitAsync(JobSpec job, int attempt, CancellationToken cancellationToken)
     {
@@ -322,7 +365,7 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
                 new JsonObject
                 {
                     ["name"] = Settings.ContainerName,
-                    ["image"] = Settings.Image,
+                    ["image"] = Settings.Image is { Length: > 0 } image ? image : options.Value.TrainerImage,
                     ["command"] = command,
                     ["args"] = new JsonArray("train", "--job", job.JobId),
                     ["env"] = env,

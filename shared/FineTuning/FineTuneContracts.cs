@@ -26,8 +26,8 @@ public sealed record FineTuneSpec
     public string? Trainable { get; set; }
     /// <summary>Weight each class's loss by inverse frequency (default true).</summary>
     public bool ClassWeights { get; set; } = true;
-    /// <summary>Where the job runs: <c>local</c> (default), <c>azureml</c> or <c>containerapps</c>.</summary>
-    public string Backend { get; set; } = FineTuneBackends.Local;
+    /// <summary>Where the job runs: <c>local</c>, <c>azureml</c> or <c>containerapps</c>; default: the app's <c>Pipeline:FineTune:Backend</c> (local).</summary>
+    public string? Backend { get; set; }
     /// <summary>The job is stopped and the run failed after this long (default 120 minutes).</summary>
     public double MaxDurationMinutes { get; set; } = 120;
     /// <summary>The new model's id (default: <c>ft-</c> + the job id's hash).</summary>
@@ -75,7 +75,7 @@ public sealed record FineTuneSpec
         Check(WarmupFraction is >= 0 and < 1, $"warmupFraction is {WarmupFraction}; use 0 to 1");
         Check(EarlyStoppingPatience >= 0, $"earlyStoppingPatience is {EarlyStoppingPatience}; use 0 (off) or more");
         Check(Trainable is null or TrainHead or TrainHeadAndEmbeddings, $"trainable is '{Trainable}'; use '{TrainHead}' or '{TrainHeadAndEmbeddings}'");
-        Check(FineTuneBackends.All.Contains(Backend), $"backend is '{Backend}'; use one of {string.Join(", ", FineTuneBackends.All)}");
+        Check(Backend is null || FineTuneBackends.All.Contains(Backend), $"backend is '{Backend}'; use one of {string.Join(", ", FineTuneBackends.All)}");
         Check(MaxDurationMinutes > 0, $"maxDurationMinutes is {MaxDurationMinutes}; use a positive number");
         Check(OutputModelId is null || (OutputModelId.Length is > 0 and <= 64 && OutputModelId.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_')),
             $"outputModelId '{OutputModelId}' must be 1-64 letters, digits, '-' or '_'");

@@ -145,7 +145,8 @@ public sealed class FineTuneHandler(
             Trainable = trainable,
             ClassWeights = spec.ClassWeights,
         };
-        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, spec.Backend, spec.OutputModelId);
+        var backend = spec.Backend ?? Options.Backend;
+        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId);
         var outputModelId = spec.OutputModelId ?? "ft-" + jobId[4..20];
         var job = new JobSpec
         {
@@ -161,7 +162,7 @@ public sealed class FineTuneHandler(
             Hyperparameters = hyper,
             OutputModelId = outputModelId,
             OutputModelFolder = $"{StorageNames.Containers.Models}/{outputModelId}/",
-            Backend = spec.Backend,
+            Backend = backend,
             MaxDurationMinutes = spec.MaxDurationMinutes,
             HeartbeatSeconds = Options.HeartbeatSeconds,
             CreatedAt = DateTimeOffset.UtcNow,

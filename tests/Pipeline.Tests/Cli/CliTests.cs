@@ -132,4 +132,55 @@ public sealed class CliTests : IAsyncLifetime
         Assert.Equal(0, help.ExitCode);
         Assert.Contains("submit", help.Output);
     }
+
+    [Fact]
+    public async Task Finetune_infer_batches_and_lineage_take_a_dataset_to_traced_predictions()
+    {
+        var data = File("sentiment.tsv", FineTuning.FineTuneStageTests.Reviews);
+        var spec = File("sentiment.pipeline.json", FineTuning.FineTuneStageTests.PrepareSpec);
+        var submit = await PipelineAsync("submit", data, "--spec", spec, "--wait", "--timeout", "120", "-o", "json");
+        Assert.True(submit.ExitCode == 0, submit.Output + submit.Error);
+        var datasetId = JsonDocument.Parse(submit.Output).RootElement.GetProperty("datasetId").GetString()!;
+
+        // Settings that cannot train are refused before anything is sent (exit code 2).
+        var bad = await PipelineAsync("finetune", "--dataset", datasetId, "--epochs", "0");
+        Assert.Equal(2, bad.ExitCode);
+        Assert.Contains("epochs is 0", bad.Output + bad.Error);
+
+        var finetune = await PipelineAsync("finetune", "--dataset", datasetId, "--epochs", "6", "--output-model", "cli-sentiment", "--wait", "--timeout", "150", "-o", "json");
+        Assert.True(finetune.ExitCode == 0, finetune.Output + finetune.Error + _host.Output);
+        var trained = JsonDocument.Parse(finetune.Output).RootElement;
+        Assert.Equal("models/cli-sentiment/", trained.GetProperty("artifacts").GetProperty("model").GetString());
+        Assert.True(trained.GetProperty("metrics").GetProperty("validationAccuracy").GetDouble() > 0.6);
+
+        var models = await PipelineAsync("models", "-o", "json");
+        var model = JsonDocument.Parse(models.Output).RootElement.EnumerateArray().Single(m => m.GetProperty("modelId").GetString() == "cli-sentiment");
+        Assert.Equal(datasetId, model.GetProperty("lineage").GetProperty("datasetId").GetString());
+
+        var input = File("score.jsonl", "{\"custom_id\":\"a\",\"text\":\"Loved it, great food\"}\n{\"custom_id\":\"b\"}\n{\"custom_id\":\"c\",\"text\":\"Terrible service\"}\n");
+        var infer = await PipelineAsync("infer", "--model", "cli-sentiment", input, "--wait", "--timeout", "120", "-o", "json");
+        Assert.True(infer.ExitCode == 5, infer.Output + infer.Error);
+        var scored = JsonDocument.Parse(infer.Output).RootElement;
+        Assert.Equal(RunStatus.CompletedWithFailures, scored.GetProperty("status").GetString());
+        Assert.Equal(2, scored.GetProperty("counts").GetProperty("inferenceRowsSucceeded").GetInt64());
+
+        var batches = await PipelineAsync("batches", "-o", "json");
+        var batch = JsonDocument.Parse(batches.Output).RootElement.EnumerateArray().Single(b => b.GetProperty("modelId").GetString() == "cli-sentiment");
+        Assert.Equal("text_missing (1 of 1 failed rows): The row has no text field (fields: custom_id).", batch.GetProperty("topError").GetString());
+
+        var lineage = await PipelineAsync("lineage", batch.GetProperty("batchId").GetString()!, "-o", "json");
+        Assert.Equal(0, lineage.ExitCode);
+        var chain = JsonDocument.Parse(lineage.Output).RootElement;
+        Assert.Equal("models/cli-sentiment/", chain.GetProperty("model").GetProperty("folder").GetString());
+        Assert.Equal(datasetId, chain.GetProperty("dataset").GetProperty("datasetId").GetString());
+        Assert.EndsWith("sentiment.tsv", chain.GetProperty("source").GetProperty("blob").GetString());
+        Assert.True(chain.GetProperty("prepared").GetProperty("recipe").ValueKind == JsonValueKind.Object);
+
+        Assert.Equal(3, (await PipelineAsync("infer", "--model", "cli-sentiment", "incoming/not-there.jsonl")).ExitCode);
+        Assert.Equal(2, (await PipelineAsync("infer", "--model", "cli-sentiment")).ExitCode);
+
+        var generated = await PipelineAsync("models", "generate", "cli-embedder", "--hidden", "16", "-o", "json");
+        Assert.Equal(0, generated.ExitCode);
+        Assert.Equal("embedding", JsonDocument.Parse(generated.Output).RootElement[0].GetProperty("task").GetString());
+    }
 }

@@ -260,8 +260,9 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         });
         var options = Options.Create(new FineTuneOptions
         {
-            AzureMl = new AzureMlOptions { Endpoint = $"http://127.0.0.1:{server.Port}", SubscriptionId = "sub-1", ResourceGroup = "rg-1", Workspace = "ws-1", Compute = "gpu-a100", EnvironmentId = $"{workspace}/environments/trainer/versions/3" },
+            AzureMl = new AzureMlOptions { Endpoint = $"http://127.0.0.1:{server.Port}", WorkspaceResourceId = workspace, ComputeName = "gpu-a100", EnvironmentId = $"{workspace}/environments/trainer/versions/3" },
             TrainerEnvironment = new() { ["AzureWebJobsStorage__blobServiceUri"] = "https://acct.blob.core.windows.net" },
+            TrainerClientId = "11111111-2222-3333-4444-555555555555",
         });
         using var http = new HttpClient();
         var backend = new AzureMlBackend(http, Token, options);
@@ -286,6 +287,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         Assert.Equal(Job.JobId, properties["environmentVariables"]!["PIPELINE_JOB_ID"]!.GetValue<string>());
         Assert.Equal("https://acct.blob.core.windows.net", properties["environmentVariables"]!["AzureWebJobsStorage__blobServiceUri"]!.GetValue<string>());
         Assert.Equal("PT1H30M", properties["limits"]!["timeout"]!.GetValue<string>());
+        Assert.Equal("11111111-2222-3333-4444-555555555555", properties["environmentVariables"]!["AzureWebJobsStorage__clientId"]!.GetValue<string>());
         Assert.Equal(("POST", $"{workspace}/jobs/{Job.JobId}/cancel?api-version=2024-10-01", ""), (server.Requests[^1].Method, server.Requests[^1].Path, server.Requests[^1].Body));
         Assert.All(server.Requests.Skip(1).SkipLast(1), r => Assert.Equal("GET", r.Method));
 
@@ -311,7 +313,8 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         });
         var options = Options.Create(new FineTuneOptions
         {
-            ContainerApps = new ContainerAppsOptions { Endpoint = $"http://127.0.0.1:{server.Port}", SubscriptionId = "sub-1", ResourceGroup = "rg-1", JobName = "trainer-job", Image = "acr.azurecr.io/pipeline:1" },
+            ContainerApps = new ContainerAppsOptions { Endpoint = $"http://127.0.0.1:{server.Port}", JobResourceId = jobPath },
+            TrainerImage = "acr.azurecr.io/pipeline:1",
         });
         using var http = new HttpClient();
         var backend = new ContainerAppsBackend(http, Token, options);
