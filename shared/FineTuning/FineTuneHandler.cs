@@ -82,6 +82,30 @@ public sealed class FineTuneHandler(
         var jobId = job.JobId;
         var files = new JobFiles(storage, jobId);
         var submission = await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken);
+        if (job.RunId != runId && submission is not null)
+        {
+            // The same job (same data, base model and settings) was asked for by another run.
+            switch (submission.Outcome)
+            {
+                case JobStates.Succeeded:
+                    // Its model exists: this run reuses it, nothing is trained twice.
+                    var status = (await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, cancellationToken))!;
+                    await SucceededAsync(job with { RunId = runId }, status, TimeSpan.Zero, cancellationToken);
+                    return;
+                case null:
+                    throw new RunBusyException($"Job {jobId} is training for run {job.RunId}; run {runId} waits for its model.");
+                default:
+                    // It ended without a model (failed, cancelled, timed out, lost): this run trains it again.
+                    job = job with { RunId = runId, CreatedAt = DateTimeOffset.UtcNow };
+                    await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
+                    await files.Cancel.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+                    await files.Status.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+                    await files.Submission.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+                    submission = null;
+                    break;
+            }
+        }
+
         if (submission is null)
         {
             // Submissions are idempotent per job (a second trainer waits for the first one's lease, a cloud job has the job's name).
@@ -106,7 +130,7 @@ public sealed class FineTuneHandler(
         }, cancellationToken);
         await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
         // The next tick after the last processed one: a redelivered dispatch joins (never duplicates) the chain of polls.
-        await ScheduleAsync(jobId, submission.Tick + 1, cancellationToken);
+        await ScheduleAsync(jobId, runId, submission.Tick + 1, cancellationToken);
         logger.LogInformation("Fine-tune job {JobId} submitted to {Backend} (base {BaseModel}, {Epochs} epochs, {Trainable})", jobId, job.Backend, job.BaseModel, job.Hyperparameters.Epochs, job.Hyperparameters.Trainable);
     }
 
@@ -216,11 +240,11 @@ public sealed class FineTuneHandler(
         return manifest;
     }
 
-    private Task ScheduleAsync(string jobId, int tick, CancellationToken cancellationToken)
+    private Task ScheduleAsync(string jobId, string runId, int tick, CancellationToken cancellationToken)
     {
         // Back off by doubling from the first delay to the maximum as the job runs on.
         var delay = TimeSpan.FromTicks(Math.Min(Options.MonitorMaxDelay.Ticks, Options.MonitorInitialDelay.Ticks * (1L << Math.Min(20, Math.Max(0, tick - 1)))));
-        return sender.SendAsync(StorageNames.Queues.FineTuneMonitor, MessageTypes.FineTuneMonitor, null, new FineTuneMonitorRequest(jobId, tick),
+        return sender.SendAsync(StorageNames.Queues.FineTuneMonitor, MessageTypes.FineTuneMonitor, runId, new FineTuneMonitorRequest(jobId, tick),
             FineTuneJson.Default.FineTuneMonitorRequest, delay, cancellationToken);
     }
 
@@ -253,7 +277,7 @@ public sealed class FineTuneHandler(
         var outcome = await PollAsync(job, files, submission, cancellationToken);
         if (outcome is null)
         {
-            await ScheduleAsync(job.JobId, request.Tick + 1, cancellationToken);
+            await ScheduleAsync(job.JobId, job.RunId, request.Tick + 1, cancellationToken);
         }
         else
         {

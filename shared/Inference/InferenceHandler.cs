@@ -204,6 +204,12 @@ public sealed class InferenceHandler(
             return true;
         }
 
+        if (await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken) is { } existing && existing.RunId != runId)
+        {
+            // Another run is producing this very batch (same model, input and options): this run waits for its manifest.
+            throw new RunBusyException($"Batch {batch.BatchId} is being produced for run {existing.RunId}; run {runId} takes its results when it is done.");
+        }
+
         if (await files.Plan.ExistsAsync(cancellationToken))
         {
             await TryAssembleAsync(files, cancellationToken);

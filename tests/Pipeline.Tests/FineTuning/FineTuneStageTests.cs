@@ -117,6 +117,14 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         // The same command once the job has ended: the run has finished the stage; nothing is submitted again.
         await pipeline.Commands.HandleAsync(command, 3, CancellationToken.None);
         Assert.Empty((await queue.PeekMessagesAsync(16)).Value);
+
+        // Another run asking for the same job (same data, base and settings) gets its model without training.
+        await pipeline.Commands.HandleAsync(command.Replace("run-ft-redelivery", "run-ft-same-job"), 1, CancellationToken.None);
+        var reused = (await pipeline.Runs.GetAsync("run-ft-same-job"))!;
+        Assert.Equal((RunStatus.Succeeded, "models/ft-redelivery/"), (reused.Status, reused.GetArtifacts()["model"]));
+        Assert.Equal(finished.GetMetrics()["validationAccuracy"], reused.GetMetrics()["validationAccuracy"]);
+        Assert.Empty((await queue.PeekMessagesAsync(16)).Value);
+        Assert.Equal(1, (await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, CancellationToken.None))!.Attempt);
     }
 
     [Fact]
