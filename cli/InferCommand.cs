@@ -17,9 +17,27 @@ public static class InferCommand
     /// <summary>Where local files given to <c>pipeline infer</c> are uploaded (not incoming: that would ingest them).</summary>
     public const string InputsPrefix = "inputs/";
 
+    /// <summary>
+    /// Uploads a local file to <c>outputs/inputs/&lt;content hash&gt;/&lt;name&gt;</c>: files with the same name never
+    /// replace each other while a run waits to read them. Returns the blob path and its ETag.
+    /// </summary>
+    public static async Task<(string Blob, string ETag)> UploadInputAsync(StorageClients storage, FileInfo file, CancellationToken cancellationToken)
+    {
+        string hash;
+        await using (var content = file.OpenRead())
+        {
+            hash = Convert.ToHexStringLower(await System.Security.Cryptography.SHA256.HashDataAsync(content, cancellationToken))[..16];
+        }
+
+        var name = $"{InputsPrefix}{hash}/{file.Name}";
+        await using var stream = file.OpenRead();
+        var uploaded = await storage.Container(StorageNames.Containers.Outputs).GetBlobClient(name).UploadAsync(stream, overwrite: true, cancellationToken);
+        return ($"{StorageNames.Containers.Outputs}/{name}", uploaded.Value.ETag.ToString());
+    }
+
     public static Command Create()
     {
-        var input = new Argument<string?>("input") { Description = "A local file (JSONL, CSV, TSV or TXT; uploaded to outputs/inputs/) or a blob already in the account (container/path).", Arity = ArgumentArity.ZeroOrOne };
+        var input = new Argument<string?>("input") { Description = "A local file (JSONL, CSV, TSV or TXT; uploaded to outputs/inputs/<content hash>/) or a blob already in the account (container/path).", Arity = ArgumentArity.ZeroOrOne };
         var model = new Option<string?>("--model", "-m") { Description = "The registered model to score with (see: pipeline models)." };
         var rowsPerShard = new Option<int?>("--rows-per-shard") { Description = $"Rows per shard; each shard is one message any instance can take (default {InferenceOptions.DefaultRowsPerShard:N0})." };
         var textField = new Option<string?>("--text-field") { Description = "The text field or column (default: text, sentence, content, ...)." };
@@ -53,11 +71,7 @@ public static class InferCommand
                 string blob, version;
                 if (File.Exists(source))
                 {
-                    var name = InputsPrefix + Path.GetFileName(source);
-                    await using var stream = File.OpenRead(source);
-                    var uploaded = await storage.Container(StorageNames.Containers.Outputs).GetBlobClient(name).UploadAsync(stream, overwrite: true, ct);
-                    blob = $"{StorageNames.Containers.Outputs}/{name}";
-                    version = uploaded.Value.ETag.ToString();
+                    (blob, version) = await UploadInputAsync(storage, new FileInfo(source), ct);
                 }
                 else
                 {

@@ -27,6 +27,11 @@ public static class SubmitCommand
                 return CliOptions.Fail($"{source.FullName} does not exist.", CliOptions.ExitCodes.UsageError);
             }
 
+            if (parse.GetValue(score) is not null && parse.GetValue(spec) is null)
+            {
+                return CliOptions.Fail("--score needs --spec with a fineTune section: the file is scored by the model the run fine-tunes.", CliOptions.ExitCodes.UsageError);
+            }
+
             var storage = CliOptions.Storage(parse);
             await storage.EnsureCreatedAsync(ct);
             var blobName = parse.GetValue(name) ?? source.Name;
@@ -37,7 +42,17 @@ public static class SubmitCommand
                 if (parse.GetValue(score) is { } scoreFile)
                 {
                     // The fine-tuned model scores this file in the same run: fineTune.infer names its uploaded copy.
-                    if (System.Text.Json.Nodes.JsonNode.Parse(specBytes) is not System.Text.Json.Nodes.JsonObject specJson || specJson["fineTune"] is not System.Text.Json.Nodes.JsonObject fineTune)
+                    System.Text.Json.Nodes.JsonNode? parsed;
+                    try
+                    {
+                        parsed = System.Text.Json.Nodes.JsonNode.Parse(specBytes);
+                    }
+                    catch (System.Text.Json.JsonException e)
+                    {
+                        return CliOptions.Fail($"{specFile.Name} is not valid JSON: {e.Message}", CliOptions.ExitCodes.UsageError);
+                    }
+
+                    if (parsed is not System.Text.Json.Nodes.JsonObject specJson || specJson["fineTune"] is not System.Text.Json.Nodes.JsonObject fineTune)
                     {
                         return CliOptions.Fail($"--score needs a run spec with a fineTune section; {specFile.Name} has none.", CliOptions.ExitCodes.UsageError);
                     }
@@ -47,14 +62,9 @@ public static class SubmitCommand
                         return CliOptions.Fail($"{scoreFile.FullName} does not exist.", CliOptions.ExitCodes.UsageError);
                     }
 
-                    var scoreBlob = $"{InferCommand.InputsPrefix}{scoreFile.Name}";
-                    await using (var scoreStream = scoreFile.OpenRead())
-                    {
-                        await storage.Container(StorageNames.Containers.Outputs).GetBlobClient(scoreBlob).UploadAsync(scoreStream, overwrite: true, ct);
-                    }
-
+                    var (scoreBlob, _) = await InferCommand.UploadInputAsync(storage, scoreFile, ct);
                     var infer = fineTune["infer"] as System.Text.Json.Nodes.JsonObject ?? [];
-                    infer["input"] = $"{StorageNames.Containers.Outputs}/{scoreBlob}";
+                    infer["input"] = scoreBlob;
                     fineTune["infer"] = infer;
                     specBytes = System.Text.Encoding.UTF8.GetBytes(specJson.ToJsonString());
                 }

@@ -41,7 +41,7 @@ public static class QueueFunctions
         new("FineTune", StorageNames.Queues.FineTune, StorageNames.Queues.FineTune,
             (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().FineTuneAsync(message, invocation.GetDequeueCount(), ct)),
         new("FineTuneMonitor", StorageNames.Queues.FineTuneMonitor, StorageNames.Queues.FineTuneMonitor,
-            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().FineTuneMonitorAsync(message, ct)),
+            (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().FineTuneMonitorAsync(message, invocation.GetDequeueCount(), ct)),
         new("Inference", StorageNames.Queues.Inference, StorageNames.Queues.Inference,
             (services, message, invocation, ct) => services.GetRequiredService<StageMessages>().InferenceAsync(message, invocation.GetDequeueCount(), ct)),
         new("InferenceShard", StorageNames.Queues.InferenceShard, StorageNames.Queues.InferenceShard,

@@ -25,6 +25,7 @@ public static class TrainerCommand
         using var services = new ServiceCollection()
             .AddLogging(logging => logging.AddSimpleConsole(o => o.SingleLine = true))
             .AddPipelineStorage(configuration)
+            .Configure<Pipeline.Inference.InferenceSettings>(configuration.GetSection(Pipeline.Inference.InferenceSettings.Section))
             .AddSingleton<JobTrainer>()
             .BuildServiceProvider();
         using var stop = new CancellationTokenSource();

@@ -40,8 +40,8 @@ public sealed class FineTuneHandler(
         ?? throw new FineTuneRejectedException(FineTuneErrorCodes.BackendRejected, $"The '{name}' backend is not configured in this app.");
 
     /// <summary>The job id: the prepared data, the base model (and its version), and every training setting.</summary>
-    public static string JobIdFor(string preparedId, string baseModel, DateTimeOffset baseCreatedAt, Hyperparameters hyper, string backend, string? outputModelId) =>
-        "job-" + RunIds.Hash($"{preparedId}|{baseModel}@{baseCreatedAt:O}|{JsonSerializer.Serialize(hyper, FineTuneJson.Default.Hyperparameters)}|{backend}|{outputModelId}", 24);
+    public static string JobIdFor(string preparedId, string baseModel, DateTimeOffset baseCreatedAt, Hyperparameters hyper, string backend, string? outputModelId, double maxDurationMinutes) =>
+        "job-" + RunIds.Hash($"{preparedId}|{baseModel}@{baseCreatedAt:O}|{JsonSerializer.Serialize(hyper, FineTuneJson.Default.Hyperparameters)}|{backend}|{outputModelId}|{maxDurationMinutes}", 24);
 
     /// <summary>Handles a <c>finetune</c> message or command.</summary>
     public async Task HandleAsync(FineTuneRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
@@ -82,7 +82,13 @@ public sealed class FineTuneHandler(
         var jobId = job.JobId;
         var files = new JobFiles(storage, jobId);
         var submission = await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken);
-        if (job.RunId != runId && submission is not null)
+        if (job.RunId != runId && submission is null)
+        {
+            // A job planned for another run that was never submitted (its dispatch gave up): this run takes it.
+            job = job with { RunId = runId };
+            await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
+        }
+        else if (job.RunId != runId && submission is not null)
         {
             // The same job (same data, base model and settings) was asked for by another run.
             switch (submission.Outcome)
@@ -95,13 +101,18 @@ public sealed class FineTuneHandler(
                 case null:
                     throw new RunBusyException($"Job {jobId} is training for run {job.RunId}; run {runId} waits for its model.");
                 default:
-                    // It ended without a model (failed, cancelled, timed out, lost): this run trains it again.
+                    // It ended without a model (failed, cancelled, timed out, lost): this run trains it again, as the
+                    // next attempt (a new cloud job name), from a fresh chain of polls.
                     job = job with { RunId = runId, CreatedAt = DateTimeOffset.UtcNow };
                     await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
                     await files.Cancel.DeleteIfExistsAsync(cancellationToken: cancellationToken);
                     await files.Status.DeleteIfExistsAsync(cancellationToken: cancellationToken);
-                    await files.Submission.DeleteIfExistsAsync(cancellationToken: cancellationToken);
-                    submission = null;
+                    var attempt = submission.Attempt + 1;
+                    var now = DateTimeOffset.UtcNow;
+                    await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = null, Outcome = null, FirstSubmittedAt = now, SubmittedAt = now }, cancellationToken);
+                    var handle = await Backend(job.Backend).SubmitAsync(job, attempt, cancellationToken);
+                    await UpdateSubmissionAsync(files, s => s with { Handle = handle }, cancellationToken);
+                    submission = (await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))!;
                     break;
             }
         }
@@ -170,7 +181,7 @@ public sealed class FineTuneHandler(
             ClassWeights = spec.ClassWeights,
         };
         var backend = spec.Backend ?? Options.Backend;
-        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId);
+        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId, spec.MaxDurationMinutes);
         var outputModelId = spec.OutputModelId ?? "ft-" + jobId[4..20];
         var job = new JobSpec
         {
@@ -249,29 +260,34 @@ public sealed class FineTuneHandler(
     }
 
     /// <summary>Handles a <c>finetune-monitor</c> message: one poll of a job, and the next one scheduled unless the job ended.</summary>
-    public async Task MonitorAsync(FineTuneMonitorRequest request, CancellationToken cancellationToken)
+    public async Task MonitorAsync(FineTuneMonitorRequest request, int dequeueCount, CancellationToken cancellationToken)
     {
         var files = new JobFiles(storage, request.JobId);
         var job = await BlobJson.ReadAsync(files.Spec, FineTuneJson.Default.JobSpec, cancellationToken)
             ?? throw new InvalidMessageException($"The finetune-monitor message names job {request.JobId}, which has no spec.json.");
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = job.RunId, ["JobId"] = job.JobId });
 
-        // Take this tick: a duplicate or stale message (an older chain) finds it taken and stops.
+        // Take this tick: a duplicate or stale message (an older chain) finds it taken and stops. The redelivery
+        // of a tick whose poll failed after taking it (dequeueCount > 1) polls again, so the chain never dies.
         var response = await files.Submission.DownloadContentAsync(cancellationToken);
         var submission = JsonSerializer.Deserialize(response.Value.Content.ToMemory().Span, FineTuneJson.Default.JobSubmission)!;
-        if (submission.Outcome is not null || request.Tick <= submission.Tick)
+        var retryOfTakenTick = request.Tick == submission.Tick && dequeueCount > 1;
+        if (submission.Outcome is not null || (request.Tick <= submission.Tick && !retryOfTakenTick))
         {
             return;
         }
 
-        submission = submission with { Tick = request.Tick };
-        try
+        if (!retryOfTakenTick)
         {
-            await SaveAsync(files, submission, response.Value.Details.ETag, cancellationToken);
-        }
-        catch (RequestFailedException e) when (e.Status == 412)
-        {
-            return;
+            submission = submission with { Tick = request.Tick };
+            try
+            {
+                await SaveAsync(files, submission, response.Value.Details.ETag, cancellationToken);
+            }
+            catch (RequestFailedException e) when (e.Status == 412)
+            {
+                return;
+            }
         }
 
         var outcome = await PollAsync(job, files, submission, cancellationToken);
@@ -321,7 +337,7 @@ public sealed class FineTuneHandler(
             }
         }
 
-        if (elapsed > TimeSpan.FromMinutes(job.MaxDurationMinutes))
+        if (submission.Handle is not null && elapsed > TimeSpan.FromMinutes(job.MaxDurationMinutes))
         {
             await StopAsync(job, files, submission, backend, cancellationToken);
             await FailAsync(job, FineTuneErrorCodes.TimedOut, $"The job ran longer than maxDurationMinutes ({job.MaxDurationMinutes:0.##} min) and was stopped at epoch {status?.Epoch ?? 0}. Raise fineTune.maxDurationMinutes or train fewer epochs.", elapsed, status, cancellationToken);
@@ -334,7 +350,8 @@ public sealed class FineTuneHandler(
             var handle = await backend.SubmitAsync(job, submission.Attempt, cancellationToken);
             if (handle is not null)
             {
-                await UpdateSubmissionAsync(files, s => s with { Handle = handle, SubmittedAt = now }, cancellationToken);
+                // The maximum duration counts from when the job got a trainer, not from the wait for one.
+                await UpdateSubmissionAsync(files, s => s with { Handle = handle, SubmittedAt = now, FirstSubmittedAt = s.Attempt == 1 ? now : s.FirstSubmittedAt }, cancellationToken);
                 await UpdateRunAsync(job, r => r.SetStage(Stages.FineTune, RunStatus.Running), cancellationToken);
             }
 
@@ -364,8 +381,10 @@ public sealed class FineTuneHandler(
             await backend.CancelAsync(job, submission, cancellationToken);
             await RunLease.BreakAsync(storage, job.JobId, JobTrainer.LeaseStage, cancellationToken);
             var attempt = submission.Attempt + 1;
+            // The new attempt is recorded before its trainer starts, so the trainer reads its own attempt number.
+            await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = null, SubmittedAt = now }, cancellationToken);
             var handle = await backend.SubmitAsync(job, attempt, cancellationToken);
-            await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = handle, SubmittedAt = now }, cancellationToken);
+            await UpdateSubmissionAsync(files, s => s with { Handle = handle }, cancellationToken);
             var lost = await runs.UpdateAsync(job.RunId, r =>
             {
                 r.Attempt = attempt;

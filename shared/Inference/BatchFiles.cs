@@ -3,6 +3,7 @@ using System.Text;
 using System.Text.Json;
 using Azure.Storage.Blobs;
 using Azure.Storage.Blobs.Models;
+using Azure.Storage.Blobs.Specialized;
 using Pipeline.Models;
 using Pipeline.Storage;
 
@@ -108,22 +109,57 @@ public sealed class BatchFiles(StorageClients storage, string batchId)
         throw new FormatException($"A batch line has no row number: {line[..Math.Min(80, line.Length)]}");
     }
 
-    /// <summary>Concatenates blobs into one, streaming, in the given order.</summary>
+    /// <summary>
+    /// Concatenates blobs into one, streaming, in the given order. Blocks are staged and committed only once
+    /// every part was read, so an interruption never leaves a truncated blob in place of the old one.
+    /// </summary>
     public static async Task ConcatenateAsync(IEnumerable<BlobClient> parts, BlobClient target, CancellationToken cancellationToken)
     {
-        await using var output = await target.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = 8 * 1024 * 1024 }, cancellationToken);
+        const int blockBytes = 8 * 1024 * 1024;
+        var block = target.GetParentBlobContainerClient().GetBlockBlobClient(target.Name);
+        var ids = new List<string>();
+        var buffer = new byte[blockBytes];
+        var filled = 0;
+        async Task StageAsync()
+        {
+            var id = Convert.ToBase64String(BitConverter.GetBytes((long)ids.Count));
+            await block.StageBlockAsync(id, new MemoryStream(buffer, 0, filled, writable: false), cancellationToken: cancellationToken);
+            ids.Add(id);
+            filled = 0;
+        }
+
         foreach (var part in parts)
         {
+            Stream input;
             try
             {
-                var download = await part.DownloadStreamingAsync(cancellationToken: cancellationToken);
-                await using var input = download.Value.Content;
-                await input.CopyToAsync(output, cancellationToken);
+                input = (await part.DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
             }
             catch (Azure.RequestFailedException e) when (e.Status == 404)
             {
+                continue;
+            }
+
+            await using (input)
+            {
+                int read;
+                while ((read = await input.ReadAsync(buffer.AsMemory(filled, blockBytes - filled), cancellationToken)) > 0)
+                {
+                    filled += read;
+                    if (filled == blockBytes)
+                    {
+                        await StageAsync();
+                    }
+                }
             }
         }
+
+        if (filled > 0)
+        {
+            await StageAsync();
+        }
+
+        await block.CommitBlockListAsync(ids, cancellationToken: cancellationToken);
     }
 }
 

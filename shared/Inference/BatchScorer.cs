@@ -218,7 +218,10 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
             for (var r = 0; r < count; r++)
             {
                 var index = rows[start + r].Index;
-                outputs[index] = new ScoredRow(Extract(data, dims, r, rows[start + r].Ids.Length), null, null);
+                var vector = Extract(data, dims, r, rows[start + r].Ids.Length);
+                outputs[index] = vector.All(float.IsFinite)
+                    ? new ScoredRow(vector, null, null)
+                    : new ScoredRow(null, RowErrorCodes.ModelError, "The model produced a value that is not a finite number (NaN or infinity) for this row.");
             }
         }
         finally

@@ -132,6 +132,12 @@ public sealed class InferenceHandler(
 
     private async Task StartRetryAsync(RetryFailedCommand command, string runId, CancellationToken cancellationToken)
     {
+        // A retry batch's rows belong to the batch it retried: retrying it again retries that batch's failed rows.
+        if ((await BlobJson.ReadAsync(new BatchFiles(storage, command.BatchId).Plan, InferenceJson.Default.BatchPlan, cancellationToken))?.RetryOf is { } retried)
+        {
+            command = command with { BatchId = retried };
+        }
+
         var original = new BatchFiles(storage, command.BatchId);
         var manifest = await BlobJson.ReadAsync(original.Manifest, InferenceJson.Default.InferenceManifest, cancellationToken)
             ?? throw new InferenceRejectedException(InferenceErrorCodes.BatchNotFound, $"Batch {command.BatchId} has no manifest: it does not exist or has not finished. Wait for it to finish (pipeline status <runId>), then retry its failed rows.");
@@ -204,13 +210,33 @@ public sealed class InferenceHandler(
             return true;
         }
 
+        var plan = await BlobJson.ReadAsync(files.Plan, InferenceJson.Default.BatchPlan, cancellationToken);
         if (await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken) is { } existing && existing.RunId != runId)
         {
-            // Another run is producing this very batch (same model, input and options): this run waits for its manifest.
-            throw new RunBusyException($"Batch {batch.BatchId} is being produced for run {existing.RunId}; run {runId} takes its results when it is done.");
+            if (await runs.GetAsync(existing.RunId, cancellationToken) is { } other && !RunStatus.IsFinal(other.Status))
+            {
+                // Another run is producing this very batch (same model, input and options): this run waits for its manifest.
+                throw new RunBusyException($"Batch {batch.BatchId} is being produced for run {existing.RunId}; run {runId} takes its results when it is done.");
+            }
+
+            // The run that started it ended (cancelled, failed) before the batch did: this run takes the batch over.
+            await BlobJson.WriteAsync(files.Batch, existing with { RunId = runId }, InferenceJson.Default.BatchPlan, cancellationToken);
+            if (plan is null)
+            {
+                return false;
+            }
+
+            plan = plan with { RunId = runId };
+            await BlobJson.WriteAsync(files.Plan, plan, InferenceJson.Default.BatchPlan, cancellationToken);
+            var done = (await files.ListDoneAsync(cancellationToken)).Select(d => d.Shard).ToHashSet();
+            foreach (var shard in plan.Shards.Where(s => !done.Contains(s.Shard)))
+            {
+                await sender.SendAsync(StorageNames.Queues.InferenceShard, MessageTypes.InferenceShard, runId, new InferenceShardRequest(batch.BatchId, shard.Shard),
+                    InferenceJson.Default.InferenceShardRequest, cancellationToken: cancellationToken);
+            }
         }
 
-        if (await files.Plan.ExistsAsync(cancellationToken))
+        if (plan is not null)
         {
             await TryAssembleAsync(files, cancellationToken);
             return true;
@@ -660,7 +686,7 @@ public sealed class InferenceHandler(
             r.SetArtifact("ledger", manifest.Ledger);
             r.SetArtifact("inferenceManifest", files.PathOf(files.Manifest));
             r.SetTiming(Stages.Inference, TimeSpan.FromMilliseconds(manifest.TimingsMs.GetValueOrDefault("total")));
-            r.Error = manifest.Failed > 0 ? $"{manifest.Failed} of {manifest.Rows} rows failed; most common: {manifest.TopError}. See {manifest.Errors}; rescore them with `pipeline infer --retry-failed {manifest.BatchId}`." : null;
+            r.Error = manifest.Failed > 0 ? $"{manifest.Failed} of {manifest.Rows} rows failed; most common: {manifest.TopError}. See {manifest.Errors}; rescore them with `pipeline infer --retry-failed {manifest.BatchId}` once their cause is fixed." : null;
             r.ErrorCode = manifest.Failed > 0 ? RowsFailedCode : null;
             r.LastError = null;
             r.EndedAt = DateTimeOffset.UtcNow;

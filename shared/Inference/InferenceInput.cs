@@ -12,6 +12,9 @@ namespace Pipeline.Inference;
 /// </summary>
 public static class InferenceInput
 {
+    /// <summary>The longest row (a CSV record spanning lines included), in characters.</summary>
+    public const int MaxRowChars = 1 << 20;
+
     public static string FormatOf(string blobName, string firstLine)
     {
         var extension = Path.GetExtension(blobName).ToLowerInvariant();
@@ -73,6 +76,15 @@ public static class InferenceInput
                 // A quoted cell may hold line breaks: the record goes on until its quotes close.
                 pending = pending is null ? text : pending + "\n" + text;
                 pendingLine = pendingLine == 0 ? line : pendingLine;
+                if (pending.Length > MaxRowChars)
+                {
+                    // A quote that never closes would swallow the rest of the file: the row fails, reading resumes after it.
+                    yield return new ShardInputRow { Row = row++, Line = pendingLine, Code = RecordErrorCodes.UnterminatedQuote, Error = $"The row's quoted cell is not closed within {MaxRowChars:N0} characters." };
+                    pending = null;
+                    pendingLine = 0;
+                    continue;
+                }
+
                 if (DelimitedRecordParser.EndsInsideQuotes(Encoding.UTF8.GetBytes(pending)))
                 {
                     continue;

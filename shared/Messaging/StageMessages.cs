@@ -129,7 +129,7 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
         return newest?.Id;
     }
 
-    public Task FineTuneMonitorAsync(string message, CancellationToken cancellationToken)
+    public Task FineTuneMonitorAsync(string message, int dequeueCount, CancellationToken cancellationToken)
     {
         var body = Body(Open(message, MessageTypes.FineTuneMonitor), FineTuneJson.Default.FineTuneMonitorRequest);
         if (string.IsNullOrWhiteSpace(body.JobId))
@@ -137,7 +137,7 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
             throw new InvalidMessageException("The finetune-monitor message has no 'jobId'.");
         }
 
-        return fineTune.MonitorAsync(body, cancellationToken);
+        return fineTune.MonitorAsync(body, dequeueCount, cancellationToken);
     }
 
     public static MessageEnvelope Open(string message, string? expectedType = null)

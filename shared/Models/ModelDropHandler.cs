@@ -9,6 +9,8 @@ namespace Pipeline.Models;
 public sealed record ModelRegistration(string Folder, string Status, string? Reason, string? ModelId, DateTimeOffset At)
 {
     public const string FileName = "_registration.json";
+    /// <summary>Marks a folder Pipeline wrote (generated or fine-tuned): its model.json is authoritative.</summary>
+    public const string ManagedMarker = "_managed";
     public const string Registered = "registered";
     public const string Refused = "refused";
 }
@@ -30,13 +32,18 @@ public sealed class ModelDropHandler(StorageClients storage, ModelRegistry regis
     {
         var slash = blobName.IndexOf('/');
         var file = Path.GetFileName(blobName);
-        if (slash <= 0 || file is ModelManifest.FileName or ModelRegistration.FileName)
+        if (slash <= 0 || file is ModelManifest.FileName or ModelRegistration.FileName or ModelRegistration.ManagedMarker)
         {
             return;
         }
 
         var folder = blobName[..slash];
         var models = storage.Container(StorageNames.Containers.Models);
+        if (await models.GetBlobClient($"{folder}/{ModelRegistration.ManagedMarker}").ExistsAsync(cancellationToken))
+        {
+            return;
+        }
+
         DateTimeOffset fileTime, registeredTime;
         try
         {
@@ -61,10 +68,12 @@ public sealed class ModelDropHandler(StorageClients storage, ModelRegistry regis
             outcome = new ModelRegistration(folder, ModelRegistration.Registered, null, manifest.ModelId, DateTimeOffset.UtcNow);
             logger.LogInformation("Registered model {ModelId} ({Task}) from models/{Folder}/", manifest.ModelId, manifest.Task, folder);
         }
-        catch (ModelRejectedException e)
+        catch (Exception e) when (e is ModelRejectedException or System.Text.Json.JsonException or FormatException or InvalidOperationException or KeyNotFoundException or IndexOutOfRangeException or NullReferenceException)
         {
-            outcome = new ModelRegistration(folder, ModelRegistration.Refused, e.Message, null, DateTimeOffset.UtcNow);
-            logger.LogWarning("models/{Folder}/ is not registered (yet): {Reason}", folder, e.Message);
+            // A folder that cannot be read is refused with the reason, never retried until poisoned.
+            var reason = e is ModelRejectedException ? e.Message : $"models/{folder}/ cannot be read: {e.GetType().Name}: {e.Message}. Check config.json and tokenizer.json.";
+            outcome = new ModelRegistration(folder, ModelRegistration.Refused, reason, null, DateTimeOffset.UtcNow);
+            logger.LogWarning("models/{Folder}/ is not registered (yet): {Reason}", folder, reason);
         }
 
         await BlobJson.WriteAsync(models.GetBlobClient($"{folder}/{ModelRegistration.FileName}"), outcome, ModelRegistrationJson.Default.ModelRegistration, cancellationToken);

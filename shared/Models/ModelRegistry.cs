@@ -33,6 +33,8 @@ public sealed class ModelRegistry(StorageClients storage)
         string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken)
     {
         var onnx = model.ToByteArray();
+        // First: a folder Pipeline writes itself is never re-derived by the drop handler from its files' events.
+        await Models.GetBlobClient($"{modelId}/{ModelRegistration.ManagedMarker}").UploadAsync(BinaryData.Empty, overwrite: true, cancellationToken);
         await Models.GetBlobClient($"{modelId}/{ModelManifest.OnnxFile}").UploadAsync(new BinaryData(onnx), overwrite: true, cancellationToken);
         foreach (var (name, content) in tokenizerFiles)
         {

@@ -47,6 +47,12 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     {
         var run = await runs.UpdateAsync(runId, r =>
         {
+            if (IsDone(r, stage))
+            {
+                // A delivery racing the stage's end must not reopen it.
+                return false;
+            }
+
             r.Status = RunStatus.Running;
             r.Stage = stage;
             r.SetStage(stage, RunStatus.Running);

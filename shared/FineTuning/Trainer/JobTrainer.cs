@@ -19,7 +19,7 @@ namespace Pipeline.FineTuning.Trainer;
 /// <c>status.json</c> heartbeats and <c>metrics.jsonl</c>, stops when <c>cancel.json</c> appears, and
 /// finally writes the model folder (one merged <c>model.onnx</c>, tokenizer files, <c>model.json</c> last).
 /// </summary>
-public sealed class JobTrainer(StorageClients storage, ILogger<JobTrainer> logger)
+public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSettings> inference, ILogger<JobTrainer> logger)
 {
     public const string LeaseStage = "trainer";
     private static readonly TimeSpan LeaseWait = TimeSpan.FromSeconds(45);
@@ -173,9 +173,10 @@ public sealed class JobTrainer(StorageClients storage, ILogger<JobTrainer> logge
         else
         {
             // A frozen encoder: its pooled outputs are computed once with ONNX Runtime, then only the head trains.
-            using var sessions = new ModelSessions(storage, Options.Create(new InferenceSettings()), Microsoft.Extensions.Logging.Abstractions.NullLogger<ModelSessions>.Instance);
+            // With the inference settings (Pipeline:Inference): CUDA when configured.
+            using var sessions = new ModelSessions(storage, inference, Microsoft.Extensions.Logging.Abstractions.NullLogger<ModelSessions>.Instance);
             var runtime = await sessions.GetAsync(spec.BaseModel, cancellationToken);
-            var scorer = new BatchScorer(runtime, new InferenceSettings(), 2048, normalize: false);
+            var scorer = new BatchScorer(runtime, inference.Value, 2048, normalize: false);
             train = train with { Features = await FeaturesAsync(scorer, train.Tokens!, cancellationToken) };
             validation = validation with { Features = await FeaturesAsync(scorer, validation.Tokens!, cancellationToken) };
             hidden = train.Features![0].Length;

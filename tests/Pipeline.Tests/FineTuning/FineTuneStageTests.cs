@@ -62,7 +62,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         {
             foreach (var message in (await queue.ReceiveMessagesAsync(16)).Value)
             {
-                await pipeline.StageMessages.FineTuneMonitorAsync(message.Body.ToString(), CancellationToken.None);
+                await pipeline.StageMessages.FineTuneMonitorAsync(message.Body.ToString(), (int)message.DequeueCount, CancellationToken.None);
                 await queue.DeleteMessageAsync(message.MessageId, message.PopReceipt);
                 delivered++;
             }
@@ -100,7 +100,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         Assert.Equal(2, ticks.Length);
         foreach (var tick in ticks)
         {
-            await pipeline.StageMessages.FineTuneMonitorAsync(tick.Body.ToString(), CancellationToken.None);
+            await pipeline.StageMessages.FineTuneMonitorAsync(tick.Body.ToString(), (int)tick.DequeueCount, CancellationToken.None);
             await queue.DeleteMessageAsync(tick.MessageId, tick.PopReceipt);
         }
 
@@ -156,7 +156,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         using var pipeline = Pipeline();
         var (datasetId, preparedId, manifest) = await PrepareAsync(pipeline, "ft-determinism.tsv");
         var handler = pipeline.Services.GetService(typeof(FineTuneHandler)) as FineTuneHandler;
-        var trainer = new JobTrainer(pipeline.Storage, Microsoft.Extensions.Logging.Abstractions.NullLogger<JobTrainer>.Instance);
+        var trainer = new JobTrainer(pipeline.Storage, Options.Create(new Pipeline.Inference.InferenceSettings()), Microsoft.Extensions.Logging.Abstractions.NullLogger<JobTrainer>.Instance);
         var outputs = new List<string>();
         foreach (var model in new[] { "ft-seeded-a", "ft-seeded-b" })
         {
