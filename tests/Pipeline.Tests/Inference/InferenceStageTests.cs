@@ -238,6 +238,40 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
     }
 
     [Fact]
+    public async Task A_batch_left_by_a_cancelled_run_is_taken_over_by_the_next_run_that_asks()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var modelId = Id("cls");
+        await ClassifierAsync(pipeline.Storage, modelId);
+        var input = await UploadAsync($"{Id("in")}.jsonl", Jsonl(Sentences.Take(30)));
+        var first = await SendInferAsync(pipeline, modelId, input, new InferenceOptions { RowsPerShard = 10 });
+        var queue = pipeline.Storage.Queue(StorageNames.Queues.InferenceShard);
+
+        // One shard is scored, then the run is cancelled: its other shards are skipped.
+        var messages = (await queue.ReceiveMessagesAsync(32)).Value;
+        await pipeline.StageMessages.InferenceShardAsync(messages[0].Body.ToString(), 1, CancellationToken.None);
+        var transitions = (RunTransitions)pipeline.Services.GetService(typeof(RunTransitions))!;
+        await transitions.CancelAsync(first, "test");
+        foreach (var message in messages)
+        {
+            await pipeline.StageMessages.InferenceShardAsync(message.Body.ToString(), 1, CancellationToken.None);
+            await queue.DeleteMessageAsync(message.MessageId, message.PopReceipt);
+        }
+
+        Assert.Equal(RunStatus.Cancelled, (await pipeline.Runs.GetAsync(first))!.Status);
+
+        // The same request from another run: it takes the batch over, and only the unscored shards are sent again.
+        var second = await SendInferAsync(pipeline, modelId, input, new InferenceOptions { RowsPerShard = 10 });
+        Assert.Equal(2, (await queue.PeekMessagesAsync(32)).Value.Length);
+        await DeliverShardsAsync(pipeline);
+
+        var run = (await pipeline.Runs.GetAsync(second))!;
+        Assert.Equal(RunStatus.Succeeded, run.Status);
+        Assert.Equal(Enumerable.Range(0, 30).Select(i => (long)i), (await LinesAsync(pipeline, run.GetArtifacts()["results"])).Select(r => r.GetProperty("row").GetInt64()));
+        Assert.Equal(RunStatus.Cancelled, (await pipeline.Runs.GetAsync(first))!.Status);
+    }
+
+    [Fact]
     public async Task A_failed_shard_is_retried_alone()
     {
         using var pipeline = new TestPipeline(azurite);
