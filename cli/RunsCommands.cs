@@ -39,7 +39,7 @@ public static class RunsCommands
 
     public static Command List()
     {
-        var status = new Option<string?>("--status") { Description = "Only runs with this status: queued, running, succeeded, failed, cancelled." };
+        var status = new Option<string?>("--status") { Description = "Only runs with this status: queued, running, succeeded, failed, cancelled, completed_with_failures." };
         var command = new Command("runs", "List runs, newest first.") { status };
         command.SetAction(async (parse, ct) =>
         {

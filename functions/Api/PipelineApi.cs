@@ -30,9 +30,9 @@ public static class PipelineApi
 
     private static async Task<IResult> ListRunsAsync(RunStore runs, string? status, int? top, CancellationToken ct)
     {
-        if (status is not null && status is not (RunStatus.Queued or RunStatus.Running or RunStatus.Succeeded or RunStatus.Failed or RunStatus.Cancelled))
+        if (status is not null && status is not (RunStatus.Queued or RunStatus.Running or RunStatus.Succeeded or RunStatus.Failed or RunStatus.Cancelled or RunStatus.CompletedWithFailures))
         {
-            return Problem(400, "invalid-status", "Invalid status filter", $"'{status}' is not a run status; use queued, running, succeeded, failed or cancelled.");
+            return Problem(400, "invalid-status", "Invalid status filter", $"'{status}' is not a run status; use queued, running, succeeded, failed, cancelled or completed_with_failures.");
         }
 
         var list = await runs.ListAsync(status, Math.Clamp(top ?? 100, 1, 1000), ct);
