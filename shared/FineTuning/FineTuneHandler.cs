@@ -99,7 +99,26 @@ public sealed class FineTuneHandler(
                     await SucceededAsync(job with { RunId = runId }, status, TimeSpan.Zero, cancellationToken);
                     return;
                 case null:
-                    throw new RunBusyException($"Job {jobId} is training for run {job.RunId}; run {runId} waits for its model.");
+                    // It is training for another run: this run waits on it and the monitor finishes it with that run.
+                    await files.Waiting(runId).UploadAsync(BinaryData.Empty, overwrite: true, cancellationToken);
+                    if ((await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))?.Outcome is not null)
+                    {
+                        // It ended while this run signed up: the redelivery takes the outcome.
+                        throw new RunBusyException($"Job {jobId} ended while run {runId} asked for it.");
+                    }
+
+                    var waiting = await runs.UpdateAsync(runId, r =>
+                    {
+                        r.Stage = Stages.FineTune;
+                        r.SetStage(Stages.FineTune, RunStatus.Running);
+                        r.SetArtifact("job", $"{StorageNames.Containers.Jobs}/{jobId}/");
+                        r.SetArtifact("jobSpec", files.SpecPath);
+                        r.SetArtifact("model", job.OutputModelFolder);
+                        r.LastError = $"Job {jobId} is training for run {job.RunId}; this run takes its model when it ends.";
+                        return true;
+                    }, cancellationToken);
+                    await events.PublishAsync(RunEvents.Types.StageStarted, waiting, cancellationToken);
+                    return;
                 default:
                     // It ended without a model (failed, cancelled, timed out, lost): this run trains it again, as the
                     // next attempt (a new cloud job name), from a fresh chain of polls.
@@ -300,6 +319,31 @@ public sealed class FineTuneHandler(
             var latest = await files.Submission.DownloadContentAsync(cancellationToken);
             var current = JsonSerializer.Deserialize(latest.Value.Content.ToMemory().Span, FineTuneJson.Default.JobSubmission)!;
             await SaveAsync(files, current with { Outcome = outcome }, latest.Value.Details.ETag, cancellationToken);
+            await FinishWaitingRunsAsync(job, files, outcome, cancellationToken);
+        }
+    }
+
+    /// <summary>Runs that asked for this job while it trained end with it: they get its model, or its failure.</summary>
+    private async Task FinishWaitingRunsAsync(JobSpec job, JobFiles files, string outcome, CancellationToken cancellationToken)
+    {
+        var jobs = storage.Container(StorageNames.Containers.Jobs);
+        await foreach (var blob in jobs.GetBlobsAsync(BlobTraits.None, BlobStates.None, files.WaitingPrefix, cancellationToken))
+        {
+            var runId = blob.Name[files.WaitingPrefix.Length..];
+            if (outcome == JobStates.Succeeded)
+            {
+                var status = (await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, cancellationToken))!;
+                await SucceededAsync(job with { RunId = runId }, status, TimeSpan.Zero, cancellationToken);
+            }
+            else
+            {
+                var reason = (await runs.GetAsync(job.RunId, cancellationToken))?.Error ?? outcome;
+                var code = outcome switch { JobStates.Failed => FineTuneErrorCodes.TrainerFailed, JobStates.Cancelled => "Cancelled", _ => outcome };
+                await transitions.FailAsync(runId, Stages.FineTune, code,
+                    $"The fine-tune job {job.JobId}, shared with run {job.RunId}, ended {outcome}: {reason} Send the command again to train it anew.", TimeSpan.Zero, cancellationToken: cancellationToken);
+            }
+
+            await jobs.GetBlobClient(blob.Name).DeleteIfExistsAsync(cancellationToken: cancellationToken);
         }
     }
 

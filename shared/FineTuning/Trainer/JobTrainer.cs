@@ -317,4 +317,8 @@ public sealed class JobFiles(StorageClients storage, string jobId)
     public Azure.Storage.Blobs.BlobClient Cancel => Blob("cancel.json");
     public Azure.Storage.Blobs.BlobClient Metrics => Blob("metrics.jsonl");
     public string SpecPath => $"{StorageNames.Containers.Jobs}/{jobId}/spec.json";
+
+    /// <summary><c>waiting/&lt;runId&gt;</c>: another run that asked for this job while it trained; the monitor finishes it too.</summary>
+    public Azure.Storage.Blobs.BlobClient Waiting(string runId) => Blob($"waiting/{runId}");
+    public string WaitingPrefix => $"{jobId}/waiting/";
 }

@@ -87,6 +87,9 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
 
         await pipeline.Commands.HandleAsync(command, 1, CancellationToken.None);
         await pipeline.Commands.HandleAsync(command, 2, CancellationToken.None);
+        // Another run asks for the same job while it trains: it waits on it, nothing is submitted for it.
+        await pipeline.Commands.HandleAsync(command.Replace("run-ft-redelivery", "run-ft-waiting"), 1, CancellationToken.None);
+        Assert.Equal(RunStatus.Running, (await pipeline.Runs.GetAsync("run-ft-waiting"))!.Status);
 
         var run = (await pipeline.Runs.GetAsync("run-ft-redelivery"))!;
         var jobId = run.GetArtifacts()["job"].Split('/')[1];
@@ -109,6 +112,8 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
 
         var (finished, _) = await MonitorUntilEndAsync(pipeline, "run-ft-redelivery", TimeSpan.FromSeconds(90));
         Assert.Equal(RunStatus.Succeeded, finished.Status);
+        var waited = (await pipeline.Runs.GetAsync("run-ft-waiting"))!;
+        Assert.Equal((RunStatus.Succeeded, "models/ft-redelivery/"), (waited.Status, waited.GetArtifacts()["model"]));
         Assert.Equal("models/ft-redelivery/", finished.GetArtifacts()["model"]);
         var status = (await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, CancellationToken.None))!;
         Assert.Equal((JobStates.Succeeded, 1), (status.State, status.Attempt));
