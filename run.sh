@@ -40,11 +40,13 @@ case "$MODE" in
     cat >&2 <<MSG
 
 Pipeline is running locally (host on port $HOST_PORT, log: .run/host.log).
-Drop files into the 'incoming' container, for example:
+Drop files into the 'incoming' container (model folders into 'models'), for example:
 
   export AzureWebJobsStorage='$AzureWebJobsStorage'
   dotnet cli/bin/$CONFIGURATION/net10.0/pipeline.dll submit my-data.jsonl --wait
   dotnet cli/bin/$CONFIGURATION/net10.0/pipeline.dll runs
+  dotnet cli/bin/$CONFIGURATION/net10.0/pipeline.dll finetune --dataset <datasetId> --wait
+  dotnet cli/bin/$CONFIGURATION/net10.0/pipeline.dll infer --model <modelId> rows.jsonl --wait
 
 or upload with Azure Storage Explorer / az storage blob upload using that connection string.
 Press Ctrl-C to stop.
