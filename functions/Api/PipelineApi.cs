@@ -23,6 +23,7 @@ public static class PipelineApi
         api.MapGet("/runs/{runId}/events", GetRunEventsAsync);
         api.MapGet("/datasets", ListDatasetsAsync);
         api.MapGet("/models", ListModelsAsync);
+        api.MapGet("/batches", ListBatchesAsync);
     }
 
     /// <summary>The body of <c>POST /api/runs</c>: a blob already uploaded, and optionally a run spec.</summary>
@@ -112,6 +113,9 @@ public static class PipelineApi
 
     private static async Task<IResult> ListDatasetsAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await DatasetCatalog.ListAsync(storage, ct), ViewJson.Default.ListDatasetView);
+
+    private static async Task<IResult> ListBatchesAsync(StorageClients storage, CancellationToken ct) =>
+        Results.Json(await Pipeline.Inference.BatchCatalog.ListAsync(storage, ct), Pipeline.Inference.InferenceJson.Default.ListInferenceManifest);
 
     private static async Task<IResult> ListModelsAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await new Pipeline.Models.ModelRegistry(storage).ListAsync(ct), Pipeline.Models.ModelJson.Default.ListModelManifest);

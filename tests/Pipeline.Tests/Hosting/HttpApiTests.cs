@@ -96,6 +96,7 @@ public sealed class HttpApiTests : IAsyncLifetime
         var datasets = JsonDocument.Parse(await _http.GetStringAsync("/api/datasets")).RootElement;
         Assert.Contains(datasets.EnumerateArray(), d => d.GetProperty("datasetId").GetString() == datasetId && d.GetProperty("records").GetInt64() == 3);
         Assert.Equal(JsonValueKind.Array, JsonDocument.Parse(await _http.GetStringAsync("/api/models")).RootElement.ValueKind);
+        Assert.Equal(JsonValueKind.Array, JsonDocument.Parse(await _http.GetStringAsync("/api/batches")).RootElement.ValueKind);
 
         // A finished run cannot be cancelled.
         await ProblemAsync(await _http.PostAsync($"/api/runs/{runId}/cancel", null), HttpStatusCode.Conflict, "run-finished");
@@ -168,7 +169,7 @@ public sealed class HttpApiTests : IAsyncLifetime
     {
         var functions = FunctionDefinitions.Load(Path.Combine(RepoPaths.Root, "functions"), new Microsoft.Extensions.Configuration.ConfigurationBuilder().Build())
             .Where(f => f.TriggerType == "httpTrigger").ToList();
-        Assert.Equal(7, functions.Count);
+        Assert.Equal(8, functions.Count);
         foreach (var function in functions)
         {
             using var document = JsonDocument.Parse(await File.ReadAllTextAsync(Path.Combine(RepoPaths.Root, "functions", function.Name, "function.json")));
