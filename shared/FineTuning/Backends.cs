@@ -32,6 +32,8 @@ public sealed class FineTuneOptions
     public double HeartbeatSeconds { get; set; } = 5;
     /// <summary>A job with no heartbeat for this long is lost: resubmitted, up to <see cref="MaxAttempts"/> submissions.</summary>
     public TimeSpan HeartbeatTimeout { get; set; } = TimeSpan.FromMinutes(2);
+    /// <summary>How long a submitted trainer may take to write its first heartbeat (node start, image pull) before it is lost.</summary>
+    public TimeSpan StartTimeout { get; set; } = TimeSpan.FromMinutes(15);
     public int MaxAttempts { get; set; } = 3;
     public LocalBackendOptions Local { get; set; } = new();
     public AzureMlOptions AzureMl { get; set; } = new();
@@ -108,6 +110,9 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConf
 {
     private static readonly ConcurrentDictionary<string, Process> Running = new();
 
+    /// <summary>The state reported when the trainer's process has ended (its heartbeat says how).</summary>
+    public const string Exited = "exited";
+
     public string Name => FineTuneBackends.Local;
 
     public Task<string?> SubmitAsync(JobSpec job, int attempt, CancellationToken cancellationToken)
@@ -179,11 +184,11 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConf
         try
         {
             using var process = Process.GetProcessById(int.Parse(submission.Handle, System.Globalization.CultureInfo.InvariantCulture));
-            return Task.FromResult(new BackendState(process.HasExited ? "exited" : JobStates.Running));
+            return Task.FromResult(new BackendState(process.HasExited ? Exited : JobStates.Running));
         }
         catch (ArgumentException)
         {
-            return Task.FromResult(new BackendState("exited", $"trainer process {submission.Handle} is gone"));
+            return Task.FromResult(new BackendState(Exited, $"trainer process {submission.Handle} is gone"));
         }
     }
 

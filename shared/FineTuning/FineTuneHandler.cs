@@ -409,9 +409,12 @@ public sealed class FineTuneHandler(
             return JobStates.Failed;
         }
 
-        var heartbeat = status is not null && status.Attempt == submission.Attempt ? status.Time : submission.SubmittedAt;
-        var silent = now - heartbeat;
-        if (silent > Options.HeartbeatTimeout && state.State != JobStates.Queued)
+        // Before its first heartbeat a trainer may still be starting (a GPU node, an image pull): it gets StartTimeout,
+        // unless the backend already says its process is gone.
+        var beating = status is not null && status.Attempt == submission.Attempt;
+        var silent = now - (beating ? status!.Time : submission.SubmittedAt);
+        var limit = beating || state.State == LocalProcessBackend.Exited ? Options.HeartbeatTimeout : Options.StartTimeout;
+        if (silent > limit && state.State != JobStates.Queued)
         {
             if (submission.Attempt >= Options.MaxAttempts)
             {

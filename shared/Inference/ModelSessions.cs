@@ -99,8 +99,11 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
             var runtime = await lazy.Value.WaitAsync(cancellationToken);
             foreach (var stale in _models.Keys.Where(k => k.StartsWith(modelId + "@", StringComparison.Ordinal) && k != key))
             {
-                // Sessions of an older version are dropped from the cache; calls still running on them finish.
-                _models.TryRemove(stale, out _);
+                // Sessions of an older version leave the cache; shards still scoring on them finish, then they are disposed.
+                if (_models.TryRemove(stale, out var old) && old.IsValueCreated)
+                {
+                    _ = RetireAsync(old.Value);
+                }
             }
 
             return runtime;
@@ -112,6 +115,33 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
             throw;
         }
     }
+
+    /// <summary>Frees a replaced session's native memory once the shards that took it have had time to finish.</summary>
+    private static async Task RetireAsync(Task<ModelRuntime> loading)
+    {
+        try
+        {
+            var runtime = await loading;
+            await Task.Delay(RetireAfter);
+            await runtime.Gate.WaitAsync();
+            try
+            {
+                // A call arriving later fails (ObjectDisposedException) and its shard is retried on the new session.
+                runtime.Session.Dispose();
+                runtime.RunOptions.Dispose();
+            }
+            finally
+            {
+                runtime.Gate.Release();
+            }
+        }
+        catch (Exception e) when (e is OnnxRuntimeException or InferenceRejectedException or ObjectDisposedException)
+        {
+        }
+    }
+
+    /// <summary>How long a replaced session stays alive for the calls already holding it.</summary>
+    public static readonly TimeSpan RetireAfter = TimeSpan.FromMinutes(10);
 
     private static InferenceRejectedException NotFound(string modelId) => new(InferenceErrorCodes.ModelNotFound,
         $"Model '{modelId}' is not registered: models/{modelId}/model.json does not exist. List models with `pipeline models`, or register a folder with `pipeline models register`.");
