@@ -67,6 +67,8 @@ public sealed record BatchPlan
     public required string BatchId { get; init; }
     public required string RunId { get; init; }
     public required string ModelId { get; init; }
+    /// <summary>The model version the batch was cut for (its model.json createdAt): every shard is scored by that version.</summary>
+    public DateTimeOffset? ModelVersion { get; init; }
     public required string Input { get; init; }
     public required InferenceOptions Options { get; init; }
     public List<ShardPlan> Shards { get; init; } = [];
@@ -167,6 +169,7 @@ public static class InferenceErrorCodes
     public const string InvalidOptions = "InvalidOptions";
     public const string BatchNotFound = "BatchNotFound";
     public const string NothingToRetry = "NothingToRetry";
+    public const string ModelChanged = "ModelChanged";
 }
 
 /// <summary>Row-level error codes in <c>errors.jsonl</c> (besides ingestion's parse codes).</summary>

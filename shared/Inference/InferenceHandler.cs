@@ -115,6 +115,7 @@ public sealed class InferenceHandler(
             BatchId = BatchIdFor(request.ModelId, model.Manifest.CreatedAt, request.Input, VersionOf(properties), options),
             RunId = runId,
             ModelId = request.ModelId,
+            ModelVersion = model.Manifest.CreatedAt,
             Input = request.Input,
             Options = options,
             CreatedAt = DateTimeOffset.UtcNow,
@@ -166,7 +167,7 @@ public sealed class InferenceHandler(
             RetryOf = command.BatchId,
             CreatedAt = DateTimeOffset.UtcNow,
         };
-        await models.GetAsync(manifest.ModelId, cancellationToken);
+        batch = batch with { ModelVersion = (await models.GetAsync(manifest.ModelId, cancellationToken)).Manifest.CreatedAt };
         if (await ResumeAsync(batch, runId, cancellationToken))
         {
             return;
@@ -357,6 +358,12 @@ public sealed class InferenceHandler(
         var wall = Stopwatch.StartNew();
         var rows = await files.ReadInputAsync(shard, cancellationToken);
         var model = await models.GetAsync(batch.ModelId, cancellationToken);
+        if (batch.ModelVersion is { } version && model.Manifest.CreatedAt != version)
+        {
+            throw new InferenceRejectedException(InferenceErrorCodes.ModelChanged,
+                $"Model '{batch.ModelId}' was registered again (version {model.Manifest.CreatedAt:O}) while batch {batch.BatchId} (version {version:O}) was being scored; its rows are not mixed across versions. Send the command again: the new version gets a new batch.");
+        }
+
         var scorer = new BatchScorer(model, models.Settings, batch.Options.MaxTokensPerBatch!.Value, batch.Options.Normalize == true);
         var (scored, stats) = await scorer.ScoreAsync([.. rows.Select(r => r.Code is null ? r.Text : null)], cancellationToken);
 

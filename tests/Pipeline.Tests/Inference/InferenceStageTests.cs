@@ -272,6 +272,23 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
     }
 
     [Fact]
+    public async Task Shards_are_never_scored_by_a_model_registered_again_after_the_batch_was_cut()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var modelId = Id("cls");
+        await ClassifierAsync(pipeline.Storage, modelId);
+        var input = await UploadAsync($"{Id("in")}.jsonl", Jsonl(Sentences.Take(20)));
+        var runId = await SendInferAsync(pipeline, modelId, input, new InferenceOptions { RowsPerShard = 10 });
+
+        await ClassifierAsync(pipeline.Storage, modelId);
+        await DeliverShardsAsync(pipeline);
+
+        var run = (await pipeline.Runs.GetAsync(runId))!;
+        Assert.Equal((RunStatus.Failed, InferenceErrorCodes.ModelChanged), (run.Status, run.ErrorCode));
+        Assert.Contains("registered again", run.Error);
+    }
+
+    [Fact]
     public async Task A_failed_shard_is_retried_alone()
     {
         using var pipeline = new TestPipeline(azurite);
