@@ -139,6 +139,8 @@ public static class RunsCommands
     {
         Stages.Preprocess when counts.TryGetValue("preprocessRecords", out var prepared) =>
             $"{run.Stage}: {run.Status}, {prepared:N0} records tokenized, {counts.GetValueOrDefault("preprocessTokens"):N0} tokens",
+        Stages.Inference when Math.Max(counts.GetValueOrDefault("inferenceRows"), counts.GetValueOrDefault("inferenceRowsSplit")) == 0 =>
+            $"{run.Stage}: {run.Status}, loading the model and splitting the input",
         Stages.Inference =>
             $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("inferenceRowsDone"):N0} of {Math.Max(counts.GetValueOrDefault("inferenceRows"), counts.GetValueOrDefault("inferenceRowsSplit")):N0} rows" +
             $" ({counts.GetValueOrDefault("inferenceShardsDone")} of {counts.GetValueOrDefault("inferenceShards")} shards, {counts.GetValueOrDefault("inferenceRowsPerSecond"):N0} rows/s" +
@@ -146,6 +148,7 @@ public static class RunsCommands
         Stages.FineTune when counts.TryGetValue("fineTuneEpoch", out var epoch) =>
             $"{run.Stage}: {run.Status}, epoch {epoch} of {counts.GetValueOrDefault("fineTuneEpochs")}, step {counts.GetValueOrDefault("fineTuneStep"):N0}, progress {counts.GetValueOrDefault("fineTuneProgressPercent")}%" +
             (run.GetMetrics().TryGetValue("validationAccuracy", out var accuracy) ? $", validation accuracy {accuracy:P1}, loss {run.GetMetrics().GetValueOrDefault("validationLoss"):N3}" : ""),
+        Stages.FineTune => $"{run.Stage}: {run.Status}, job submitted, waiting for the trainer's first heartbeat",
         _ => $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read",
     };
 
