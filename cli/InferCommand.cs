@@ -75,11 +75,10 @@ public static class InferCommand
                 }
                 else
                 {
-                    var slash = source.IndexOf('/');
                     try
                     {
-                        version = slash > 0
-                            ? (await storage.Container(source[..slash]).GetBlobClient(source[(slash + 1)..]).GetPropertiesAsync(cancellationToken: ct)).Value.ETag.ToString()
+                        version = storage.BlobAt(source) is { } existing
+                            ? (await existing.GetPropertiesAsync(cancellationToken: ct)).Value.ETag.ToString()
                             : throw new RequestFailedException(404, "not a blob path");
                     }
                     catch (RequestFailedException e) when (e.Status == 404)

@@ -229,8 +229,7 @@ public sealed class FineTuneHandler(
 
     private async Task<PreparedManifest> ReadPreparedAsync(string path, CancellationToken cancellationToken)
     {
-        var slash = path.IndexOf('/');
-        var manifest = slash <= 0 ? null : await BlobJson.ReadAsync(storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]), PreprocessJson.Default.PreparedManifest, cancellationToken);
+        var manifest = storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, PreprocessJson.Default.PreparedManifest, cancellationToken) : null;
         return manifest ?? throw new FineTuneRejectedException(FineTuneErrorCodes.PreparedDatasetNotFound,
             $"The prepared dataset {path} does not exist. Preprocess the dataset first (pipeline submit, or a preprocess command).");
     }

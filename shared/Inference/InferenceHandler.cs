@@ -93,13 +93,8 @@ public sealed class InferenceHandler(
         request.Options?.Validate();
         var model = await models.GetAsync(request.ModelId, cancellationToken);
         var options = (request.Options ?? new InferenceOptions()).Resolved(models.Settings);
-        var slash = request.Input.IndexOf('/');
-        if (slash <= 0)
-        {
-            throw new InferenceRejectedException(InferenceErrorCodes.InputNotFound, $"The input '{request.Input}' is not a blob path: name it as container/blob, for example \"incoming/to-score.jsonl\".");
-        }
-
-        var input = storage.Container(request.Input[..slash]).GetBlobClient(request.Input[(slash + 1)..]);
+        var input = storage.BlobAt(request.Input)
+            ?? throw new InferenceRejectedException(InferenceErrorCodes.InputNotFound, $"The input '{request.Input}' is not a blob path: name it as container/blob, for example \"incoming/to-score.jsonl\".");
         BlobProperties properties;
         try
         {

@@ -22,7 +22,7 @@ public sealed class ModelRegistry(StorageClients storage)
 
     /// <summary>Writes a model folder with a WordPiece vocabulary: the ONNX graph and vocab.txt first, <c>model.json</c> last.</summary>
     public Task<ModelManifest> WriteAsync(string modelId, ModelProto model, byte[] vocabulary, string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken) =>
-        WriteAsync(modelId, model, new TokenizerSpec { Kind = TokenizerKinds.WordPiece }, new Dictionary<string, byte[]> { ["vocab.txt"] = vocabulary }, VocabularyLines(vocabulary),
+        WriteAsync(modelId, model, new TokenizerSpec { Kind = TokenizerKinds.WordPiece }, new Dictionary<string, byte[]> { ["vocab.txt"] = vocabulary }, TokenizerSource.VocabularyLines(vocabulary),
             task, labels, maxSequenceLength, lineage, cancellationToken);
 
     /// <summary>
@@ -89,7 +89,7 @@ public sealed class ModelRegistry(StorageClients storage)
 
         var onnx = (await Models.GetBlobClient($"{folder}/{onnxPath}").DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
         var maxLength = config?["max_position_embeddings"]?.GetValue<int>() ?? 512;
-        var manifest = Describe(modelId, onnx, task, labels, maxLength, new ModelLineage { Source = $"{StorageNames.Containers.Models}/{folder}/" }, VocabularyLines(vocabulary), onnxPath, folder);
+        var manifest = Describe(modelId, onnx, task, labels, maxLength, new ModelLineage { Source = $"{StorageNames.Containers.Models}/{folder}/" }, TokenizerSource.VocabularyLines(vocabulary), onnxPath, folder);
         if (config?["vocab_size"] is { } declared && declared.GetValue<long>() != manifest.VocabularySize)
         {
             throw new ModelRejectedException($"models/{folder}/: the vocabulary has {manifest.VocabularySize} tokens but config.json says vocab_size {declared.GetValue<long>()}. Upload the tokenizer files that belong to this model.");
@@ -176,8 +176,6 @@ public sealed class ModelRegistry(StorageClients storage)
         return table?.Dims[0];
     }
 
-    private static long VocabularyLines(byte[] vocabulary) =>
-        System.Text.Encoding.UTF8.GetString(vocabulary).Split('\n').Count(l => l.Length > 0);
 
     /// <summary>A vocab.txt from a Hugging Face tokenizer.json with a WordPiece model (token per line, in id order).</summary>
     private static byte[] WordPieceVocabulary(string tokenizerJson, string folder)

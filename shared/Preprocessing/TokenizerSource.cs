@@ -62,8 +62,11 @@ public sealed class TokenizerSource
 
     /// <summary>Tokens in the vocabulary (WordPiece: lines of vocab.txt), when the kind has a file that says.</summary>
     public int? VocabularySize => Spec.Kind == TokenizerKinds.Tiktoken ? TiktokenVocabularySize(Spec.Encoding)
-        : _files.TryGetValue("vocab.txt", out var vocab) ? System.Text.Encoding.UTF8.GetString(vocab).Split('\n').Count(l => l.Length > 0)
+        : _files.TryGetValue("vocab.txt", out var vocab) ? VocabularyLines(vocab)
         : null;
+
+    /// <summary>Tokens in a vocab.txt: its non-empty lines.</summary>
+    public static int VocabularyLines(byte[] vocabTxt) => System.Text.Encoding.UTF8.GetString(vocabTxt).Split('\n').Count(l => l.Length > 0);
 
     /// <summary>Ids a tiktoken encoding produces, special tokens included (the rows an embedding table needs).</summary>
     public static int TiktokenVocabularySize(string? encoding) => encoding == "o200k_base" ? 200_019 : 100_277;

@@ -64,8 +64,7 @@ public sealed class RunStore(StorageClients storage)
     /// <summary>The preprocessing statistics a run points to (<c>container/path</c>), or null.</summary>
     public async Task<Preprocessing.PreparedStats?> ReadStatsAsync(string path, CancellationToken cancellationToken = default)
     {
-        var slash = path.IndexOf('/');
-        return await BlobJson.ReadAsync(storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]), Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken);
+        return storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken) : null;
     }
 
     public async Task<List<RunRecord>> ListAsync(string? status = null, int max = 1000, CancellationToken cancellationToken = default)

@@ -33,6 +33,13 @@ public sealed class StorageClients
     public QueueClient Queue(string name) => Queues.GetQueueClient(name);
     public TableClient Table(string name) => Tables.GetTableClient(name);
 
+    /// <summary>The blob a <c>container/path</c> reference names (the form artifacts and messages use), or null when it names none.</summary>
+    public BlobClient? BlobAt(string path)
+    {
+        var slash = path.IndexOf('/');
+        return slash <= 0 || slash == path.Length - 1 ? null : Container(path[..slash]).GetBlobClient(path[(slash + 1)..]);
+    }
+
     /// <summary>Builds the clients from configuration; <paramref name="messageEncoding"/> follows host.json.</summary>
     public static StorageClients FromConfiguration(IConfiguration configuration, QueueMessageEncoding messageEncoding, string connectionName = ConnectionSetting)
     {

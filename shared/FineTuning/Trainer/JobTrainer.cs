@@ -142,7 +142,7 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
 
     private async Task<Dictionary<string, double>> TrainAsync(JobFiles job, JobSpec spec, CancellationToken cancellationToken)
     {
-        var prepared = await ReadAsync(spec.PreparedManifest, PreprocessJson.Default.PreparedManifest, cancellationToken)
+        var prepared = (storage.BlobAt(spec.PreparedManifest) is { } manifestBlob ? await BlobJson.ReadAsync(manifestBlob, PreprocessJson.Default.PreparedManifest, cancellationToken) : null)
             ?? throw new InvalidOperationException($"The prepared dataset {spec.PreparedManifest} does not exist.");
         var baseManifest = await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Models).GetBlobClient($"{spec.BaseModel}/{ModelManifest.FileName}"), ModelJson.Default.ModelManifest, cancellationToken)
             ?? throw new InvalidOperationException($"The base model {spec.BaseModel} has no model.json.");
@@ -261,13 +261,6 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         return [.. rows.Select((r, i) => r.Values ?? throw new InvalidOperationException($"The base model failed on training example {i}: {r.Error}"))];
     }
 
-    private async Task<T?> ReadAsync<T>(string path, System.Text.Json.Serialization.Metadata.JsonTypeInfo<T> type, CancellationToken cancellationToken)
-        where T : class
-    {
-        var slash = path.IndexOf('/');
-        return await BlobJson.ReadAsync(storage.Container(path[..slash]).GetBlobClient(path[(slash + 1)..]), type, cancellationToken);
-    }
-
     /// <summary>A split's labelled records from its shards: <c>{"input_ids":[...],"label":k,...}</c> per line.</summary>
     private async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)
     {
@@ -275,8 +268,7 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         var labels = new List<int>();
         foreach (var shard in prepared.Shards.Where(s => s.Split == split))
         {
-            var slash = shard.Path.IndexOf('/');
-            var blob = storage.Container(shard.Path[..slash]).GetBlobClient(shard.Path[(slash + 1)..]);
+            var blob = storage.BlobAt(shard.Path) ?? throw new InvalidOperationException($"The prepared manifest lists a shard at '{shard.Path}', which is not a container/path.");
             Stream stream;
             try
             {
