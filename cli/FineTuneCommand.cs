@@ -69,20 +69,7 @@ public static class FineTuneCommandLine
             var datasetId = parse.GetValue(dataset)!;
             var body = JsonSerializer.SerializeToElement(new FineTuneCommand(datasetId, parse.GetValue(prepared), fineTune), FineTuneJson.Default.FineTuneCommand);
             var runId = "run-" + RunIds.Hash($"finetune|{body.GetRawText()}|{DateTimeOffset.UtcNow:O}", 24);
-            var envelope = new MessageEnvelope { Type = MessageTypes.FineTune, RunId = runId, CorrelationId = runId, Body = body };
-            await storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(JsonSerializer.Serialize(envelope, PipelineJson.Default.MessageEnvelope), ct);
-            if (!parse.GetValue(wait))
-            {
-                Console.Out.WriteLine(CliOptions.Json(parse) ? JsonSerializer.Serialize(new Dictionary<string, string> { ["runId"] = runId, ["type"] = MessageTypes.FineTune }) : runId);
-                return CliOptions.ExitCodes.Succeeded;
-            }
-
-            if (!CliOptions.Json(parse))
-            {
-                Spectre.Console.AnsiConsole.MarkupLineInterpolated($"Sent the [bold]finetune[/] command for {datasetId}: run [bold]{runId}[/]");
-            }
-
-            return await RunsCommands.WaitAsync(parse, new RunStore(storage), runId, null, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+            return await RunsCommands.SendCommandAsync(parse, storage, MessageTypes.FineTune, runId, body, parse.GetValue(wait), TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
         });
         return command;
     }

@@ -104,28 +104,7 @@ public static class InferCommand
                 runId = "run-" + RunIds.Hash($"infer|{modelId}|{blob}|{version}|{body.GetRawText()}", 24);
             }
 
-            var envelope = new MessageEnvelope { Type = type, RunId = runId, CorrelationId = runId, Body = body };
-            await storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(JsonSerializer.Serialize(envelope, PipelineJson.Default.MessageEnvelope), ct);
-            if (!parse.GetValue(wait))
-            {
-                if (CliOptions.Json(parse))
-                {
-                    Console.Out.WriteLine(JsonSerializer.Serialize(new Dictionary<string, string> { ["runId"] = runId, ["type"] = type }));
-                }
-                else
-                {
-                    Console.Out.WriteLine(runId);
-                }
-
-                return CliOptions.ExitCodes.Succeeded;
-            }
-
-            if (!CliOptions.Json(parse))
-            {
-                Spectre.Console.AnsiConsole.MarkupLineInterpolated($"Sent the [bold]{type}[/] command: run [bold]{runId}[/]");
-            }
-
-            return await RunsCommands.WaitAsync(parse, new RunStore(storage), runId, null, TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
+            return await RunsCommands.SendCommandAsync(parse, storage, type, runId, body, parse.GetValue(wait), TimeSpan.FromSeconds(parse.GetValue(timeout)), ct);
         });
         return command;
     }

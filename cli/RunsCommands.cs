@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.Diagnostics;
 using Pipeline.Messaging;
 using Pipeline.Runs;
+using Pipeline.Storage;
 using Spectre.Console;
 
 namespace Pipeline.Cli;
@@ -87,6 +88,28 @@ public static class RunsCommands
             return CliOptions.ExitCodes.Succeeded;
         });
         return command;
+    }
+
+    /// <summary>
+    /// Puts a command on the commands queue for run <paramref name="runId"/>; prints the run id (or
+    /// <c>{"runId","type"}</c> with --output json), or with <paramref name="wait"/> follows the run to its end.
+    /// </summary>
+    public static async Task<int> SendCommandAsync(ParseResult parse, StorageClients storage, string type, string runId, System.Text.Json.JsonElement body, bool wait, TimeSpan timeout, CancellationToken cancellationToken)
+    {
+        var envelope = new MessageEnvelope { Type = type, RunId = runId, CorrelationId = runId, Body = body };
+        await storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(System.Text.Json.JsonSerializer.Serialize(envelope, PipelineJson.Default.MessageEnvelope), cancellationToken);
+        if (!wait)
+        {
+            Console.Out.WriteLine(CliOptions.Json(parse) ? System.Text.Json.JsonSerializer.Serialize(new Dictionary<string, string> { ["runId"] = runId, ["type"] = type }) : runId);
+            return CliOptions.ExitCodes.Succeeded;
+        }
+
+        if (!CliOptions.Json(parse))
+        {
+            AnsiConsole.MarkupLineInterpolated($"Sent the [bold]{type}[/] command: run [bold]{runId}[/]");
+        }
+
+        return await WaitAsync(parse, new RunStore(storage), runId, null, timeout, cancellationToken);
     }
 
     /// <summary>Polls the run until it is final or <paramref name="until"/> has ended, then prints the summary.</summary>

@@ -107,17 +107,7 @@ public sealed class FineTuneHandler(
                         throw new RunBusyException($"Job {jobId} ended while run {runId} asked for it.");
                     }
 
-                    var waiting = await runs.UpdateAsync(runId, r =>
-                    {
-                        r.Stage = Stages.FineTune;
-                        r.SetStage(Stages.FineTune, RunStatus.Running);
-                        r.SetArtifact("job", $"{StorageNames.Containers.Jobs}/{jobId}/");
-                        r.SetArtifact("jobSpec", files.SpecPath);
-                        r.SetArtifact("model", job.OutputModelFolder);
-                        r.LastError = $"Job {jobId} is training for run {job.RunId}; this run takes its model when it ends.";
-                        return true;
-                    }, cancellationToken);
-                    await events.PublishAsync(RunEvents.Types.StageStarted, waiting, cancellationToken);
+                    await RecordJobAsync(runId, job, files, RunStatus.Running, $"Job {jobId} is training for run {job.RunId}; this run takes its model when it ends.", cancellationToken);
                     return;
                 default:
                     // It ended without a model (failed, cancelled, timed out, lost): this run trains it again, as the
@@ -148,20 +138,26 @@ public sealed class FineTuneHandler(
             }
         }
 
-        var run = await runs.UpdateAsync(runId, r =>
-        {
-            r.Stage = Stages.FineTune;
-            r.SetStage(Stages.FineTune, submission.Handle is null ? RunStatus.Queued : RunStatus.Running);
-            r.SetArtifact("job", $"{StorageNames.Containers.Jobs}/{jobId}/");
-            r.SetArtifact("jobSpec", files.SpecPath);
-            r.SetArtifact("model", job.OutputModelFolder);
-            r.LastError = null;
-            return true;
-        }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+        await RecordJobAsync(runId, job, files, submission.Handle is null ? RunStatus.Queued : RunStatus.Running, null, cancellationToken);
         // The next tick after the last processed one: a redelivered dispatch joins (never duplicates) the chain of polls.
         await ScheduleAsync(jobId, runId, submission.Tick + 1, cancellationToken);
         logger.LogInformation("Fine-tune job {JobId} submitted to {Backend} (base {BaseModel}, {Epochs} epochs, {Trainable})", jobId, job.Backend, job.BaseModel, job.Hyperparameters.Epochs, job.Hyperparameters.Trainable);
+    }
+
+    /// <summary>The run is on the fine-tune stage with this job: its status, the job and model paths, and a note while it waits.</summary>
+    private async Task RecordJobAsync(string runId, JobSpec job, JobFiles files, string stageStatus, string? note, CancellationToken cancellationToken)
+    {
+        var run = await runs.UpdateAsync(runId, r =>
+        {
+            r.Stage = Stages.FineTune;
+            r.SetStage(Stages.FineTune, stageStatus);
+            r.SetArtifact("job", $"{StorageNames.Containers.Jobs}/{job.JobId}/");
+            r.SetArtifact("jobSpec", files.SpecPath);
+            r.SetArtifact("model", job.OutputModelFolder);
+            r.LastError = note;
+            return true;
+        }, cancellationToken);
+        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
     }
 
     /// <summary>
@@ -315,9 +311,7 @@ public sealed class FineTuneHandler(
         }
         else
         {
-            var latest = await files.Submission.DownloadContentAsync(cancellationToken);
-            var current = JsonSerializer.Deserialize(latest.Value.Content.ToMemory().Span, FineTuneJson.Default.JobSubmission)!;
-            await SaveAsync(files, current with { Outcome = outcome }, latest.Value.Details.ETag, cancellationToken);
+            await UpdateSubmissionAsync(files, s => s with { Outcome = outcome }, cancellationToken);
             await FinishWaitingRunsAsync(job, files, outcome, cancellationToken);
         }
     }

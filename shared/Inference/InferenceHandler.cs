@@ -342,7 +342,10 @@ public sealed class InferenceHandler(
                 throw;
             }
 
-            await ReportProgressAsync(files, batch, cancellationToken);
+            // The progress report has just read the plan and the done markers: assembly decides from the same.
+            var (plan, doneShards) = await ReportProgressAsync(files, batch, cancellationToken);
+            await AssembleIfCompleteAsync(files, plan, doneShards, cancellationToken);
+            return;
         }
 
         await TryAssembleAsync(files, cancellationToken);
@@ -427,7 +430,7 @@ public sealed class InferenceHandler(
     private static double Padding(long tokens, long slots) => slots == 0 ? 0 : 1 - (double)tokens / slots;
 
     /// <summary>Rows done of total, rows per second and an ETA on the run, from the done markers (so redeliveries never count twice).</summary>
-    private async Task ReportProgressAsync(BatchFiles files, BatchPlan batch, CancellationToken cancellationToken)
+    private async Task<(BatchPlan? Plan, int DoneShards)> ReportProgressAsync(BatchFiles files, BatchPlan batch, CancellationToken cancellationToken)
     {
         var done = await files.ListDoneAsync(cancellationToken);
         var plan = await BlobJson.ReadAsync(files.Plan, InferenceJson.Default.BatchPlan, cancellationToken);
@@ -452,6 +455,7 @@ public sealed class InferenceHandler(
             });
             return true;
         }, cancellationToken);
+        return (plan, done.Count);
     }
 
     /// <summary>
@@ -466,7 +470,13 @@ public sealed class InferenceHandler(
         }
 
         var plan = await BlobJson.ReadAsync(files.Plan, InferenceJson.Default.BatchPlan, cancellationToken);
-        if (plan is null || (await files.ListDoneAsync(cancellationToken)).Count < plan.Shards.Count)
+        await AssembleIfCompleteAsync(files, plan, plan is null ? 0 : (await files.ListDoneAsync(cancellationToken)).Count, cancellationToken);
+    }
+
+    /// <summary>Assembles under the batch's lease when the input is fully split (a plan) and every shard is done.</summary>
+    private async Task AssembleIfCompleteAsync(BatchFiles files, BatchPlan? plan, int doneShards, CancellationToken cancellationToken)
+    {
+        if (plan is null || doneShards < plan.Shards.Count)
         {
             return;
         }
