@@ -17,11 +17,17 @@ say "Building and linting the Bicep templates"
 say "Checking the publish layout (what Core Tools and Azure start)"
 publish_dir=$(mktemp -d)
 trap 'rm -rf "$publish_dir"' EXIT
-dotnet publish "$ROOT/functions/Pipeline.Functions.csproj" -c "$CONFIGURATION" -o "$publish_dir" -nologo -v quiet -warnaserror
-[[ -f "$publish_dir/host.json" && -x "$publish_dir/Pipeline.Functions" ]] || die "publish output lacks host.json or the Pipeline.Functions executable"
-for function_json in "$ROOT"/functions/*/function.json; do
-  name=$(basename "$(dirname "$function_json")")
-  [[ -f "$publish_dir/$name/function.json" ]] || die "publish output lacks $name/function.json"
+dotnet publish "$ROOT/functions/Pipeline.Functions.csproj" -c "$CONFIGURATION" -o "$publish_dir/functions" -nologo -v quiet "${WARNINGS_AS_ERRORS[@]}"
+for file in host.json worker.config.json functions.metadata Pipeline.Functions.dll extensions.json .azurefunctions/Microsoft.Azure.WebJobs.Extensions.Storage.Queues.dll; do
+  [[ -f "$publish_dir/functions/$file" ]] || die "the function app's publish output lacks $file"
 done
+grep -q '"dotnet-isolated"' "$publish_dir/functions/worker.config.json" || die "worker.config.json does not declare dotnet-isolated"
+grep -q 'AzureStorageQueues' "$publish_dir/functions/extensions.json" || die "extensions.json lacks the storage queues extension"
+node -e 'const f=JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); if (f.length < 20 || !f.some(x => x.name === "Ingest")) { console.error("functions.metadata lists " + f.length + " functions"); process.exit(1); }' "$publish_dir/functions/functions.metadata"
+! find "$publish_dir/functions" -name function.json | grep -q . || die "the publish output has function.json files (the worker indexes its functions)"
+say "Checking the trainer image's publish (trainer/Dockerfile) and linting the Dockerfile"
+dotnet publish "$ROOT/trainer/Pipeline.Trainer.csproj" -c "$CONFIGURATION" -r linux-x64 --self-contained true -o "$publish_dir/trainer" -nologo -v quiet "${WARNINGS_AS_ERRORS[@]}"
+[[ -x "$publish_dir/trainer/Pipeline.Trainer" && -f "$publish_dir/trainer/libonnxruntime.so" ]] || die "the trainer's self-contained publish lacks Pipeline.Trainer or libonnxruntime.so"
+"$ROOT/node_modules/.bin/dockerfile-utils" lint "$ROOT/trainer/Dockerfile"
 say "Running the tests"
 dotnet test "$ROOT/Pipeline.sln" -c "$CONFIGURATION" --no-build -nologo --logger "console;verbosity=normal" "$@"

@@ -1,29 +1,24 @@
+using Microsoft.Azure.Functions.Worker.Builder;
+using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Hosting;
 using Pipeline.Functions;
-using Pipeline.Functions.Api;
+using Pipeline.Functions.Telemetry;
 using Pipeline.Hosting;
 
-// One executable, two roles: the custom handler the Functions host starts (FUNCTIONS_CUSTOMHANDLER_PORT),
-// and with --local, also the host itself for our bindings (queue triggers, blob-created events) on any storage account.
-if (args.Length > 0 && args[0] == "train")
-{
-    // The built-in trainer, as a separate process (the local fine-tune backend starts it; a GPU image runs it).
-    return await TrainerCommand.RunAsync(args[1..]);
-}
+// The function app, a .NET isolated worker: the Functions host (or `pipeline-host` locally) starts this
+// process and invokes the [Function] methods in Triggers/ (queues) and Api/ (HTTP) over FunctionRpc.
+var builder = FunctionsApplication.CreateBuilder(args);
 
-var local = args.Contains("--local");
+// HTTP functions take ASP.NET Core's HttpRequest; the host forwards requests to this process.
+builder.ConfigureFunctionsWebApplication();
+
+// host.json's queue settings (message encoding) apply to the messages the stages send, too.
+builder.Configuration.AddHostJson(AppContext.BaseDirectory);
 
 // Stages tokenize in Parallel.For (blocking pool threads) while their uploads complete on pool threads:
 // start with enough threads that the two never wait on the pool's slow thread injection.
 ThreadPool.GetMinThreads(out var minWorkers, out var minIo);
 ThreadPool.SetMinThreads(Math.Max(minWorkers, Environment.ProcessorCount * 4), minIo);
-var builder = WebApplication.CreateBuilder(args.Where(a => a != "--local").ToArray());
-var localOptions = builder.Configuration.GetSection(LocalHostOptions.Section).Get<LocalHostOptions>() ?? new LocalHostOptions();
-builder.Configuration.AddHostJson(localOptions.AppRoot);
-
-var port = int.TryParse(builder.Configuration["FUNCTIONS_CUSTOMHANDLER_PORT"], out var handlerPort) ? handlerPort
-    : localOptions.Port > 0 ? localOptions.Port
-    : 7071;
-builder.WebHost.UseUrls($"http://127.0.0.1:{port}");
 
 builder.Services
     .AddPipelineStorage(builder.Configuration)
@@ -31,18 +26,11 @@ builder.Services
     .AddIngestion(builder.Configuration)
     .AddPreprocessing(builder.Configuration)
     .AddInference(builder.Configuration)
-    .AddFineTuning(builder.Configuration);
+    .AddFineTuning(builder.Configuration)
+    .AddSingleton<QueueInvocation>();
 
-if (local)
-{
-    localOptions.Port = port;
-    builder.Services.AddSingleton(localOptions);
-    builder.Services.AddHostedService<LocalHostService>();
-}
+// Logs and traces: OpenTelemetry, exported to Application Insights when a connection string is set;
+// every span and log scope of an invocation carries its run id.
+builder.Services.AddPipelineTelemetry(builder.Configuration);
 
-var app = builder.Build();
-app.MapQueueFunctions();
-app.MapPipelineApi();
-app.MapGet("/", () => Results.Ok(new { name = "Pipeline", mode = local ? "local" : "custom-handler" }));
-await app.RunAsync();
-return 0;
+builder.Build().Run();

@@ -3,7 +3,7 @@
 //   storage account   containers, queues (+ -poison twins) and tables from names.json; no shared keys
 //   Event Grid        BlobCreated events for incoming/ -> blob-created queue (identity delivery)
 //   Service Bus       namespace (Standard) + "commands" queue with dead-lettering; no SAS keys
-//   function app      custom handler on Linux, Flex Consumption (FC1); identity-based connections
+//   function app      .NET isolated worker on Linux, Flex Consumption (FC1); identity-based connections
 //   monitoring        Log Analytics + Application Insights (Entra ID ingestion only)
 //   GPU compute       gpuBackend: Container Apps GPU job | Azure Machine Learning GPU cluster | none
 //   identities        function app identity + trainer identity, least-privilege data roles
@@ -337,7 +337,7 @@ var functionAppSettings functionAppSettingsType = {
   ServiceBusConnection__fullyQualifiedNamespace: serviceBus.outputs.fullyQualifiedNamespace
   ServiceBusConnection__credential: 'managedidentity'
   ServiceBusConnection__clientId: identities.outputs.functionsClientId
-  FUNCTIONS_WORKER_RUNTIME: 'custom'
+  FUNCTIONS_WORKER_RUNTIME: 'dotnet-isolated'
   APPLICATIONINSIGHTS_CONNECTION_STRING: monitoring.outputs.applicationInsightsConnectionString
   APPLICATIONINSIGHTS_AUTHENTICATION_STRING: 'ClientId=${identities.outputs.functionsClientId};Authorization=AAD'
   AZURE_CLIENT_ID: identities.outputs.functionsClientId
@@ -390,6 +390,7 @@ output PIPELINE_TRAINER_CLIENT_ID string = identities.outputs.trainerClientId
 output PIPELINE_GPU_BACKEND string = gpuBackend
 output APPLICATIONINSIGHTS_CONNECTION_STRING string = monitoring.outputs.applicationInsightsConnectionString
 output AZURE_CONTAINER_REGISTRY_NAME string = useContainerApps || useAzureMl ? resourceNames.registry : ''
+output AZURE_CONTAINER_APPS_JOB_NAME string = useContainerApps ? resourceNames.containerAppsJob : ''
 output AZURE_CONTAINER_REGISTRY_ENDPOINT string = useContainerApps || useAzureMl ? registry!.outputs.loginServer : ''
 output CONTAINERAPPS_JOB_NAME string = useContainerApps ? containerApps!.outputs.jobName : ''
 output AZUREML_WORKSPACE_NAME string = useAzureMl ? azureMl!.outputs.workspaceName : ''

@@ -5,6 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CONFIGURATION="${CONFIGURATION:-Release}"
 FUNCTION_APP="$ROOT/functions/bin/$CONFIGURATION/net10.0"
+LOCAL_HOST="$ROOT/localhost/bin/$CONFIGURATION/net10.0/Pipeline.LocalHost.dll"
+TRAINER="$ROOT/trainer/bin/$CONFIGURATION/net10.0/Pipeline.Trainer.dll"
 CLI="$ROOT/cli/bin/$CONFIGURATION/net10.0/pipeline.dll"
 export DOTNET_CLI_TELEMETRY_OPTOUT=1 DOTNET_NOLOGO=1 DOTNET_SKIP_FIRST_TIME_EXPERIENCE=1
 
@@ -26,9 +28,13 @@ install_azurite() {
   fi
 }
 
+# Warnings are errors, except NU1603 (the registry here serves the nearest newer version of some
+# dependencies): the worker SDK's inner extensions project does not read Directory.Build.props.
+WARNINGS_AS_ERRORS=(-warnaserror -warnnotaserror:NU1603)
+
 build() {
   say "Building ($CONFIGURATION)"
-  dotnet build "$ROOT/Pipeline.sln" -c "$CONFIGURATION" -nologo -clp:ErrorsOnly -warnaserror "$@"
+  dotnet build "$ROOT/Pipeline.sln" -c "$CONFIGURATION" -nologo -clp:ErrorsOnly "${WARNINGS_AS_ERRORS[@]}" "$@"
 }
 
 free_port() {
@@ -79,14 +85,25 @@ start_azurite() {
   export AzureWebJobsStorage="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=$key;BlobEndpoint=http://127.0.0.1:$blob/devstoreaccount1;QueueEndpoint=http://127.0.0.1:$queue/devstoreaccount1;TableEndpoint=http://127.0.0.1:$table/devstoreaccount1;"
 }
 
-# start_host: the function app in local host mode, logging to $RUN_DIR/host.log.
+# host_ready PORT: the local host answers GET / with 200 (its worker is ready).
+host_ready() {
+  node -e "require('http').get('http://127.0.0.1:$1/', r => process.exit(r.statusCode === 200 ? 0 : 1)).on('error', () => process.exit(1))"
+}
+
+# start_host: local host mode (localhost/) running the function app's isolated worker, logging to
+# $RUN_DIR/host.log; returns once the worker has been initialized and has indexed its functions.
 start_host() {
-  local port
+  local port tries=0
   port=$(free_port)
-  (cd "$FUNCTION_APP" && exec dotnet Pipeline.Functions.dll --local --Pipeline:LocalHost:Port="$port" --Pipeline:LocalHost:AppRoot="$FUNCTION_APP") \
-    >"$RUN_DIR/host.log" 2>&1 &
+  Pipeline__FineTune__Local__TrainerPath="${Pipeline__FineTune__Local__TrainerPath:-$TRAINER}" \
+    dotnet "$LOCAL_HOST" --app "$FUNCTION_APP" --Pipeline:LocalHost:Port="$port" >"$RUN_DIR/host.log" 2>&1 &
   PIDS+=($!)
-  wait_for_port "$port" "The local host"
+  until host_ready "$port"; do
+    kill -0 "${PIDS[-1]}" 2>/dev/null || die "the local host exited while starting; its log: $(tail -n 20 "$RUN_DIR/host.log")"
+    tries=$((tries + 1))
+    [[ $tries -gt 450 ]] && die "the local host's worker was not ready after 90 s (see $RUN_DIR/host.log)"
+    sleep 0.2
+  done
   HOST_PORT=$port
 }
 

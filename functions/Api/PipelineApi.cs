@@ -1,5 +1,6 @@
 using System.Text.Json;
 using Azure;
+using Microsoft.AspNetCore.Http;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
 using Pipeline.Runs;
@@ -8,28 +9,15 @@ using Pipeline.Storage;
 namespace Pipeline.Functions.Api;
 
 /// <summary>
-/// The HTTP API (HTTP-triggered functions; the host forwards requests here unchanged, and local mode
-/// serves the same routes). JSON bodies with stable shapes; errors as RFC 7807 problem details.
+/// The HTTP API's handlers (<see cref="ApiFunctions"/> binds them to HTTP-triggered functions). JSON bodies
+/// with stable shapes; errors as RFC 7807 problem details.
 /// </summary>
 public static class PipelineApi
 {
-    public static void MapPipelineApi(this WebApplication app)
-    {
-        var api = app.MapGroup("/api");
-        api.MapGet("/runs", ListRunsAsync);
-        api.MapGet("/runs/{runId}", GetRunAsync);
-        api.MapPost("/runs", SubmitRunAsync);
-        api.MapPost("/runs/{runId}/cancel", CancelRunAsync);
-        api.MapGet("/runs/{runId}/events", GetRunEventsAsync);
-        api.MapGet("/datasets", ListDatasetsAsync);
-        api.MapGet("/models", ListModelsAsync);
-        api.MapGet("/batches", ListBatchesAsync);
-    }
-
     /// <summary>The body of <c>POST /api/runs</c>: a blob already uploaded, and optionally a run spec.</summary>
     public sealed record SubmitRunRequest(string? Blob, JsonElement? Spec);
 
-    private static async Task<IResult> ListRunsAsync(RunStore runs, string? status, int? top, CancellationToken ct)
+    public static async Task<IResult> ListRunsAsync(RunStore runs, string? status, int? top, CancellationToken ct)
     {
         if (status is not null && status is not (RunStatus.Queued or RunStatus.Running or RunStatus.Succeeded or RunStatus.Failed or RunStatus.Cancelled or RunStatus.CompletedWithFailures))
         {
@@ -40,12 +28,12 @@ public static class PipelineApi
         return Results.Json(list.Select(RunView.From).ToList(), ViewJson.Default.ListRunView);
     }
 
-    private static async Task<IResult> GetRunAsync(RunStore runs, string runId, CancellationToken ct) =>
+    public static async Task<IResult> GetRunAsync(RunStore runs, string runId, CancellationToken ct) =>
         await runs.GetAsync(runId, ct) is { } run
             ? Results.Json(RunView.From(run), ViewJson.Default.RunView)
             : RunNotFound(runId);
 
-    private static async Task<IResult> SubmitRunAsync(HttpRequest request, StorageClients storage, RunStore runs, QueueSender sender, CancellationToken ct)
+    public static async Task<IResult> SubmitRunAsync(HttpRequest request, StorageClients storage, RunStore runs, QueueSender sender, CancellationToken ct)
     {
         SubmitRunRequest? body;
         try
@@ -93,7 +81,7 @@ public static class PipelineApi
         return Results.Json(RunView.From(run), ViewJson.Default.RunView, statusCode: StatusCodes.Status202Accepted);
     }
 
-    private static async Task<IResult> CancelRunAsync(RunTransitions transitions, string runId, string? reason, CancellationToken ct)
+    public static async Task<IResult> CancelRunAsync(RunTransitions transitions, string runId, string? reason, CancellationToken ct)
     {
         var run = await transitions.CancelAsync(runId, reason, ct);
         if (run is null)
@@ -106,18 +94,18 @@ public static class PipelineApi
             : Problem(409, "run-finished", "The run has already ended", $"Run {runId} ended {run.Status}; only a queued or running run can be cancelled.");
     }
 
-    private static async Task<IResult> GetRunEventsAsync(RunStore runs, RunEvents events, string runId, CancellationToken ct) =>
+    public static async Task<IResult> GetRunEventsAsync(RunStore runs, RunEvents events, string runId, CancellationToken ct) =>
         await runs.GetAsync(runId, ct) is null
             ? RunNotFound(runId)
             : Results.Json(await events.ListAsync(runId, ct), ViewJson.Default.ListRunEventView);
 
-    private static async Task<IResult> ListDatasetsAsync(StorageClients storage, CancellationToken ct) =>
+    public static async Task<IResult> ListDatasetsAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await DatasetCatalog.ListAsync(storage, ct), ViewJson.Default.ListDatasetView);
 
-    private static async Task<IResult> ListBatchesAsync(StorageClients storage, CancellationToken ct) =>
+    public static async Task<IResult> ListBatchesAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await Pipeline.Inference.BatchCatalog.ListAsync(storage, ct), Pipeline.Inference.InferenceJson.Default.ListInferenceManifest);
 
-    private static async Task<IResult> ListModelsAsync(StorageClients storage, CancellationToken ct) =>
+    public static async Task<IResult> ListModelsAsync(StorageClients storage, CancellationToken ct) =>
         Results.Json(await new Pipeline.Models.ModelRegistry(storage).ListAsync(ct), Pipeline.Models.ModelJson.Default.ListModelManifest);
 
     private static IResult RunNotFound(string runId) =>

@@ -1,12 +1,12 @@
-// The function app: a custom handler (the Pipeline.Functions executable serves the Functions host's
-// HTTP invocation contract) on Linux in the Flex Consumption plan (FC1).
+// The function app: the .NET isolated worker (functions/, `dotnet publish` output deployed as the package)
+// on Linux in the Flex Consumption plan (FC1).
 //
-// Why Flex Consumption: it runs custom handlers (functionAppConfig.runtime name "custom", version
-// "1.0" in the regional runtime catalog), scales each trigger group on its event source (storage
+// Why Flex Consumption: it runs the isolated worker (functionAppConfig.runtime name "dotnet-isolated",
+// version "10.0", the .NET the app targets, in the regional runtime catalog), scales each trigger group on its event source (storage
 // queue length, Service Bus queue, HTTP concurrency) from zero to maximumInstanceCount, bills per
 // execution, supports identity-only storage (no account keys, no Azure Files content share) and
 // deploys from a blob container with the app's managed identity. Elastic Premium (EP1) also fits
-// (custom handlers, queue-driven scale, no cold start) but bills at least one always-on instance and
+// (the isolated worker, queue-driven scale, no cold start) but bills at least one always-on instance and
 // on Linux wants an Azure Files content share, which needs a storage key. See infra/README.md.
 
 import { tagsType, functionAppSettingsType, alwaysReadyType } from 'types.bicep'
@@ -50,6 +50,9 @@ param instanceMemoryMB int
 
 @description('Always-ready (pre-warmed) instances per function group ("http") or function ("function:<name>"). Empty: scale to zero.')
 param alwaysReady alwaysReadyType[]
+
+@description('The .NET version of the dotnet-isolated runtime: the one the worker targets (net10.0).')
+param dotnetVersion string = '10.0'
 
 @description('App settings. Null values are left out.')
 param appSettings functionAppSettingsType
@@ -106,7 +109,7 @@ resource functionApp 'Microsoft.Web/sites@2025-03-01' = {
     functionAppConfig: {
       runtime: {
         name: appSettings.FUNCTIONS_WORKER_RUNTIME
-        version: '1.0'
+        version: dotnetVersion
       }
       deployment: {
         storage: {

@@ -27,7 +27,7 @@ type functionAppSettingsType = {
   ServiceBusConnection__credential: 'managedidentity'
   ServiceBusConnection__clientId: string
 
-  FUNCTIONS_WORKER_RUNTIME: 'custom'
+  FUNCTIONS_WORKER_RUNTIME: 'dotnet-isolated'
 
   // Telemetry with Entra ID authentication (local auth is disabled on the component).
   APPLICATIONINSIGHTS_CONNECTION_STRING: string

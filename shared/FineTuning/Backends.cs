@@ -46,7 +46,7 @@ public sealed class LocalBackendOptions
 {
     /// <summary>Trainer processes this host runs at once; further jobs wait (queued) until one ends.</summary>
     public int MaxConcurrentJobs { get; set; } = 1;
-    /// <summary>The trainer program (Pipeline.Functions, or its .dll run with dotnet). Default: this executable.</summary>
+    /// <summary>The trainer program (Pipeline.Trainer, or its .dll run with dotnet). Default: Pipeline.Trainer.dll beside the app.</summary>
     public string? TrainerPath { get; set; }
 }
 
@@ -64,7 +64,7 @@ public sealed class AzureMlOptions
     /// <summary>The ARM id of the environment version with the trainer image.</summary>
     public string EnvironmentId { get; set; } = "";
     /// <summary>The trainer's command; <c>{jobId}</c> is replaced.</summary>
-    public string Command { get; set; } = "/app/Pipeline.Functions train --job {jobId}";
+    public string Command { get; set; } = "/app/Pipeline.Trainer --job {jobId}";
     public string ExperimentName { get; set; } = "pipeline-finetune";
 }
 
@@ -84,7 +84,7 @@ public sealed class ContainerAppsOptions
     public string Image { get; set; } = "";
     public double Cpu { get; set; } = 8;
     public string Memory { get; set; } = "56Gi";
-    public string[] Command { get; set; } = ["/app/Pipeline.Functions"];
+    public string[] Command { get; set; } = ["/app/Pipeline.Trainer"];
 }
 
 /// <summary>What a backend says about a job (the trainer's heartbeat says more).</summary>
@@ -102,8 +102,8 @@ public interface IFineTuneBackend
 }
 
 /// <summary>
-/// The embedded default: the trainer runs as a separate process on this machine (this executable with the
-/// <c>train</c> verb), a configurable number at a time. It survives a host restart: the heartbeat rules
+/// The embedded default: the trainer runs as a separate process on this machine (the Pipeline.Trainer
+/// program), a configurable number at a time. It survives a host restart: the heartbeat rules
 /// decide, not the process handle.
 /// </summary>
 public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConfiguration configuration, ILogger<LocalProcessBackend> logger) : IFineTuneBackend
@@ -114,6 +114,9 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConf
     public const string Exited = "exited";
 
     public string Name => FineTuneBackends.Local;
+
+    /// <summary>The trainer's assembly (trainer/Pipeline.Trainer.csproj), looked for beside the app when no path is set.</summary>
+    public const string TrainerAssembly = "Pipeline.Trainer.dll";
 
     public Task<string?> SubmitAsync(JobSpec job, int attempt, CancellationToken cancellationToken)
     {
@@ -153,22 +156,23 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConf
         return Task.FromResult<string?>(trainer.Id.ToString(System.Globalization.CultureInfo.InvariantCulture));
     }
 
-    /// <summary>This executable with <c>train --job &lt;jobId&gt;</c> (under <c>dotnet</c> when it runs as a dll).</summary>
+    /// <summary>The trainer program with <c>--job &lt;jobId&gt;</c> (under <c>dotnet</c> when it is a .dll).</summary>
+    /// <exception cref="InvalidOperationException">No trainer is configured and none is beside this app.</exception>
     public static ProcessStartInfo TrainerStart(string jobId, string? trainerPath = null)
     {
-        var process = trainerPath is { Length: > 0 } && !trainerPath.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) ? trainerPath : Environment.ProcessPath ?? "dotnet";
-        var start = new ProcessStartInfo(process) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
-        if (trainerPath?.EndsWith(".dll", StringComparison.OrdinalIgnoreCase) == true)
+        var path = trainerPath is { Length: > 0 } ? trainerPath : Path.Combine(AppContext.BaseDirectory, TrainerAssembly);
+        if (!File.Exists(path))
         {
-            start.FileName = "dotnet";
-            start.ArgumentList.Add(trainerPath);
-        }
-        else if (Path.GetFileNameWithoutExtension(process).Equals("dotnet", StringComparison.OrdinalIgnoreCase))
-        {
-            start.ArgumentList.Add(Path.Combine(AppContext.BaseDirectory, "Pipeline.Functions.dll"));
+            throw new InvalidOperationException($"The local fine-tune backend found no trainer at {path}. Build trainer/ (Pipeline.Trainer) and set Pipeline__FineTune__Local__TrainerPath to its Pipeline.Trainer.dll or executable.");
         }
 
-        start.ArgumentList.Add("train");
+        var start = new ProcessStartInfo(path) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+        if (path.EndsWith(".dll", StringComparison.OrdinalIgnoreCase))
+        {
+            start.FileName = "dotnet";
+            start.ArgumentList.Add(path);
+        }
+
         start.ArgumentList.Add("--job");
         start.ArgumentList.Add(jobId);
         return start;
@@ -372,7 +376,7 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
                     ["name"] = Settings.ContainerName,
                     ["image"] = Settings.Image is { Length: > 0 } image ? image : options.Value.TrainerImage,
                     ["command"] = command,
-                    ["args"] = new JsonArray("train", "--job", job.JobId),
+                    ["args"] = new JsonArray("--job", job.JobId),
                     ["env"] = env,
                     ["resources"] = new JsonObject { ["cpu"] = Settings.Cpu, ["memory"] = Settings.Memory },
                 },

@@ -31,6 +31,7 @@ public static class PipelineServices
         services.AddSingleton<QueueSender>();
         services.AddSingleton<FailedMessages>();
         services.AddSingleton<CommandRouter>();
+        services.AddSingleton<ServiceBusCommands>();
         return services;
     }
 

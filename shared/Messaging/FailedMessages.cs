@@ -54,6 +54,14 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         await FailRunAsync(runId, sourceQueue, PoisonErrorCode, reason, cancellationToken);
     }
 
+    /// <summary>Handles a message its broker gave up on (a Service Bus dead letter), with the broker's reason.</summary>
+    public async Task RecordDeadLetteredAsync(string source, string message, string? messageId, string reason, int attempts, CancellationToken cancellationToken)
+    {
+        var runId = RunIdOf(source, message);
+        await SaveAsync(source, message, messageId, runId, reason, PoisonedKind, attempts, cancellationToken);
+        await FailRunAsync(runId, source, PoisonErrorCode, reason, cancellationToken);
+    }
+
     /// <summary>Handles a message that can never succeed: recorded with its reason and acknowledged.</summary>
     public async Task RecordInvalidAsync(string sourceQueue, string message, string? messageId, string reason, CancellationToken cancellationToken)
     {

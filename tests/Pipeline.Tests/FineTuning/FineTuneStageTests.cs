@@ -28,7 +28,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
 
     private TestPipeline Pipeline() => new(azurite, settings: new Dictionary<string, string?>
     {
-        ["Pipeline:FineTune:Local:TrainerPath"] = Path.Combine(RepoPaths.FunctionApp, "Pipeline.Functions.dll"),
+        ["Pipeline:FineTune:Local:TrainerPath"] = RepoPaths.Trainer,
         ["Pipeline:FineTune:MonitorInitialDelay"] = "00:00:00.200",
         ["Pipeline:FineTune:MonitorMaxDelay"] = "00:00:00.500",
         ["Pipeline:FineTune:HeartbeatSeconds"] = "0.5",
@@ -294,7 +294,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         Assert.Equal(("PUT", $"{workspace}/jobs/{Job.JobId}?api-version=2024-10-01", "Bearer test-token"), (put.Method, put.Path, put.Authorization));
         var properties = JsonNode.Parse(put.Body)!["properties"]!;
         Assert.Equal("Command", properties["jobType"]!.GetValue<string>());
-        Assert.Equal($"/app/Pipeline.Functions train --job {Job.JobId}", properties["command"]!.GetValue<string>());
+        Assert.Equal($"/app/Pipeline.Trainer --job {Job.JobId}", properties["command"]!.GetValue<string>());
         Assert.Equal($"{workspace}/environments/trainer/versions/3", properties["environmentId"]!.GetValue<string>());
         Assert.Equal($"{workspace}/computes/gpu-a100", properties["computeId"]!.GetValue<string>());
         Assert.Equal(Job.JobId, properties["environmentVariables"]!["PIPELINE_JOB_ID"]!.GetValue<string>());
@@ -342,7 +342,7 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
         Assert.Null(start["template"]);
         var container = start["containers"]![0]!;
         Assert.Equal(("trainer", "acr.azurecr.io/pipeline:1"), (container["name"]!.GetValue<string>(), container["image"]!.GetValue<string>()));
-        Assert.Equal(["train", "--job", Job.JobId], container["args"]!.AsArray().Select(a => a!.GetValue<string>()));
+        Assert.Equal(["--job", Job.JobId], container["args"]!.AsArray().Select(a => a!.GetValue<string>()));
         Assert.Contains(container["env"]!.AsArray(), e => e!["name"]!.GetValue<string>() == "PIPELINE_JOB_SPEC" && e["value"]!.GetValue<string>() == $"jobs/{Job.JobId}/spec.json");
         Assert.Equal("Bearer test-token", server.Requests[0].Authorization);
         Assert.Equal(("POST", $"{jobPath}/executions/trainer-job-x1y2z3/stop?api-version=2025-07-01"), (server.Requests[^1].Method, server.Requests[^1].Path));

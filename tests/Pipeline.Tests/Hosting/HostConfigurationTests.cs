@@ -19,7 +19,8 @@ public sealed class HostConfigurationTests
         Assert.Equal(TimeSpan.FromSeconds(2), options.MaxPollingInterval);
         Assert.Equal(TimeSpan.FromSeconds(5), options.VisibilityTimeout);
         Assert.Equal(Azure.Storage.Queues.QueueMessageEncoding.Base64, options.QueueMessageEncoding);
-        Assert.Equal("Pipeline.Functions", configuration["AzureFunctionsJobHost:customHandler:description:defaultExecutablePath"]);
+        Assert.Null(configuration["AzureFunctionsJobHost:customHandler:description:defaultExecutablePath"]);
+        Assert.Equal("api", configuration["AzureFunctionsJobHost:extensions:http:routePrefix"]);
     }
 
     [Fact]
@@ -49,14 +50,20 @@ public sealed class HostConfigurationTests
     }
 
     [Fact]
-    public void Publish_layout_has_host_json_and_one_folder_per_function()
+    public void The_build_is_an_isolated_worker_app_the_functions_host_can_start()
     {
         var app = RepoPaths.FunctionApp;
         Assert.True(File.Exists(Path.Combine(app, "host.json")));
-        Assert.True(File.Exists(Path.Combine(app, "Pipeline.Functions")), "the handler executable named in host.json");
-        foreach (var function in Pipeline.Functions.QueueFunctions.Triggers.Keys)
-        {
-            Assert.True(File.Exists(Path.Combine(app, function, "function.json")), $"{function}/function.json");
-        }
+        Assert.Empty(Directory.GetFiles(app, "function.json", SearchOption.AllDirectories));
+        var description = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(app, "worker.config.json")))!["description"]!;
+        Assert.Equal("dotnet-isolated", description["language"]!.GetValue<string>());
+        Assert.True(File.Exists(Path.Combine(app, description["defaultWorkerPath"]!.GetValue<string>())));
+        var metadata = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(app, "functions.metadata")))!.AsArray();
+        Assert.Contains(metadata, f => f!["name"]!.GetValue<string>() == "Ingest");
+        var extensions = File.ReadAllText(Path.Combine(app, "extensions.json"));
+        Assert.Contains("AzureStorageQueues", extensions);
+        Assert.True(File.Exists(Path.Combine(app, ".azurefunctions", "Microsoft.Azure.WebJobs.Extensions.Storage.Queues.dll")), "the host-side queues extension in .azurefunctions/");
+        var settings = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(RepoPaths.Root, "functions", "local.settings.example.json")))!;
+        Assert.Equal("dotnet-isolated", settings["Values"]!["FUNCTIONS_WORKER_RUNTIME"]!.GetValue<string>());
     }
 }

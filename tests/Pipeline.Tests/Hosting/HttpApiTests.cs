@@ -2,9 +2,8 @@ using System.Net;
 using System.Net.Http.Json;
 using System.Text;
 using System.Text.Json;
+using Azure.Messaging.ServiceBus;
 using Microsoft.Extensions.DependencyInjection;
-using Pipeline.Functions;
-using Pipeline.Hosting;
 using Pipeline.Messaging;
 using Pipeline.Runs;
 using Pipeline.Storage;
@@ -129,23 +128,63 @@ public sealed class HttpApiTests : IAsyncLifetime
     [Fact]
     public async Task Service_bus_commands_take_the_same_path_as_storage_commands()
     {
+        // The Azure build's [ServiceBusTrigger] functions hand ServiceBusReceivedMessage and the message actions to ServiceBusCommands.
+        var commands = _pipeline.Services.GetRequiredService<ServiceBusCommands>();
+        var settlement = new RecordingSettlement();
         await _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient("sb/data.jsonl").UploadAsync(BinaryData.FromString("{\"text\":\"from service bus\"}\n"), overwrite: true);
-        var command = "{\"schemaVersion\":1,\"type\":\"ingest\",\"body\":{\"blob\":\"incoming/sb/data.jsonl\"}}";
-        // The host's serviceBusTrigger payload: the message body under the binding name, DeliveryCount and MessageId in metadata.
-        var response = await _http.PostAsJsonAsync("/CommandsServiceBus", new
-        {
-            Data = new { message = command },
-            Metadata = new { DeliveryCount = 1, MessageId = "sb-1", ContentType = "application/json" },
-        });
-        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
+        var command = ServiceBusModelFactory.ServiceBusReceivedMessage(BinaryData.FromString("{\"schemaVersion\":1,\"type\":\"ingest\",\"body\":{\"blob\":\"incoming/sb/data.jsonl\"}}"), messageId: "sb-1", deliveryCount: 1);
+        await commands.HandleAsync(command, settlement, CancellationToken.None);
         var etag = (await _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient("sb/data.jsonl").GetPropertiesAsync()).Value.ETag.ToString();
         var run = (await _pipeline.Runs.GetAsync(RunIds.ForBlob(StorageNames.Containers.Incoming, "sb/data.jsonl", etag)))!;
         Assert.Equal(RunStatus.Succeeded, run.GetStages()[Stages.Ingest]);
+        Assert.Equal(["complete sb-1"], settlement.Actions);
 
-        var invalid = await _http.PostAsJsonAsync("/CommandsServiceBus", new { Data = new { message = "{\"type\":\"explode\"}" }, Metadata = new { DeliveryCount = 1 } });
-        Assert.Equal(HttpStatusCode.OK, invalid.StatusCode);
-        var recorded = Assert.Single(await FailedMessages.ListAsync(_pipeline.Storage, QueueFunctions.ServiceBusCommands, CancellationToken.None));
+        // A command that can never succeed: recorded with its reason, its run failed, dead-lettered with the reason.
+        var invalid = ServiceBusModelFactory.ServiceBusReceivedMessage(BinaryData.FromString("{\"type\":\"explode\",\"runId\":\"run-sb-explode\"}"), messageId: "sb-2", deliveryCount: 1);
+        await commands.HandleAsync(invalid, settlement, CancellationToken.None);
+        var recorded = Assert.Single(await FailedMessages.ListAsync(_pipeline.Storage, ServiceBusCommands.Source, CancellationToken.None));
         Assert.Contains("Unknown command type 'explode'", recorded.Reason);
+        Assert.Equal("sb-2", recorded.RowKey);
+        Assert.StartsWith($"deadletter sb-2 {ServiceBusCommands.InvalidCommandReason} ", settlement.Actions[1]);
+        Assert.Contains("Unknown command type 'explode'", settlement.Actions[1]);
+        Assert.Equal(RunStatus.Failed, (await _pipeline.Runs.GetAsync("run-sb-explode"))!.Status);
+
+        // Its copy on the dead-letter queue is not recorded twice; one Service Bus gave up on is recorded and fails its run.
+        var refused = ServiceBusModelFactory.ServiceBusReceivedMessage(invalid.Body, messageId: "sb-2", deliveryCount: 1, properties: DeadLetter(ServiceBusCommands.InvalidCommandReason, "refused"));
+        await commands.RecordDeadLetterAsync(refused, settlement, CancellationToken.None);
+        var exhausted = ServiceBusModelFactory.ServiceBusReceivedMessage(BinaryData.FromString("{\"schemaVersion\":1,\"type\":\"cancel\",\"runId\":\"run-sb-exhausted\",\"body\":{\"runId\":\"run-sb-exhausted\"}}"),
+            messageId: "sb-3", deliveryCount: 10, properties: DeadLetter("MaxDeliveryCountExceeded", "Message could not be consumed after 10 delivery attempts."));
+        await commands.RecordDeadLetterAsync(exhausted, settlement, CancellationToken.None);
+        var records = await FailedMessages.ListAsync(_pipeline.Storage, ServiceBusCommands.Source, CancellationToken.None);
+        Assert.Equal(2, records.Count);
+        var poisoned = Assert.Single(records, r => r.RowKey == "sb-3");
+        Assert.Contains("MaxDeliveryCountExceeded", poisoned.Reason);
+        Assert.Contains("after 10 delivery attempt(s)", poisoned.Reason);
+        var failed = (await _pipeline.Runs.GetAsync("run-sb-exhausted"))!;
+        Assert.Equal(RunStatus.Failed, failed.Status);
+        Assert.Equal(FailedMessages.PoisonErrorCode, failed.ErrorCode);
+        Assert.Equal(["complete sb-2", "complete sb-3"], settlement.Actions[2..]);
+    }
+
+    /// <summary>Service Bus sets a dead letter's reason and description as these application properties.</summary>
+    private static Dictionary<string, object> DeadLetter(string reason, string description) =>
+        new() { ["DeadLetterReason"] = reason, ["DeadLetterErrorDescription"] = description };
+
+    private sealed class RecordingSettlement : IServiceBusSettlement
+    {
+        public List<string> Actions { get; } = [];
+
+        public Task CompleteAsync(ServiceBusReceivedMessage message, CancellationToken cancellationToken)
+        {
+            Actions.Add($"complete {message.MessageId}");
+            return Task.CompletedTask;
+        }
+
+        public Task DeadLetterAsync(ServiceBusReceivedMessage message, string reason, string description, CancellationToken cancellationToken)
+        {
+            Actions.Add($"deadletter {message.MessageId} {reason} {description}");
+            return Task.CompletedTask;
+        }
     }
 
     [Fact]
@@ -165,21 +204,22 @@ public sealed class HttpApiTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task Every_http_function_declared_in_function_json_is_served()
+    public async Task Every_http_function_the_worker_reports_is_served_with_function_level_auth()
     {
-        var functions = FunctionDefinitions.Load(Path.Combine(RepoPaths.Root, "functions"), new Microsoft.Extensions.Configuration.ConfigurationBuilder().Build())
-            .Where(f => f.TriggerType == "httpTrigger").ToList();
+        var functions = (await _http.GetFromJsonAsync<JsonElement>("/admin/functions")).EnumerateArray()
+            .Select(f => f.GetProperty("bindings")[0]).Where(b => b.GetProperty("type").GetString() == "httpTrigger").ToList();
         Assert.Equal(8, functions.Count);
-        foreach (var function in functions)
+        foreach (var trigger in functions)
         {
-            using var document = JsonDocument.Parse(await File.ReadAllTextAsync(Path.Combine(RepoPaths.Root, "functions", function.Name, "function.json")));
-            var trigger = document.RootElement.GetProperty("bindings")[0];
             var route = "/api/" + trigger.GetProperty("route").GetString()!.Replace("{runId}", "run-none");
             var method = new HttpMethod(trigger.GetProperty("methods")[0].GetString()!.ToUpperInvariant());
             using var response = await _http.SendAsync(new HttpRequestMessage(method, route) { Content = method == HttpMethod.Post ? JsonContent.Create(new { }) : null });
-            // A route that is not served answers a bare 404; ours answer data or a problem document.
-            Assert.True(response.StatusCode != HttpStatusCode.NotFound || response.Content.Headers.ContentType?.MediaType == "application/problem+json", $"{method} {route}: {response.StatusCode}");
-            Assert.Equal("function", trigger.GetProperty("authLevel").GetString());
+            // Every route answers data or a problem document; a route no function serves is the host's no-route problem.
+            Assert.True(response.IsSuccessStatusCode || response.Content.Headers.ContentType?.MediaType == "application/problem+json", $"{method} {route}: {response.StatusCode}");
+            Assert.DoesNotContain("no-route", await response.Content.ReadAsStringAsync());
+            Assert.Equal("Function", trigger.GetProperty("authLevel").GetString());
         }
+
+        await ProblemAsync(await _http.GetAsync("/api/nothing-here"), HttpStatusCode.NotFound, "no-route");
     }
 }

@@ -13,8 +13,8 @@ using Pipeline.Tests.Infrastructure;
 namespace Pipeline.Tests.Hosting;
 
 /// <summary>
-/// The function app's executable in local host mode, as separate processes against a fresh Azurite each:
-/// the custom-handler contract, the blob watcher, retries, poison queues, crashes and competing hosts.
+/// Local host mode and the isolated worker, as separate processes against a fresh Azurite each: queue
+/// triggers with their metadata, the blob watcher, retries, poison queues, crashes and competing hosts.
 /// </summary>
 [Collection(LocalHostProcess.Collection)]
 public sealed class LocalHostTests : IAsyncLifetime
@@ -66,49 +66,40 @@ public sealed class LocalHostTests : IAsyncLifetime
     }
 
     [Fact]
-    public async Task The_handler_serves_the_custom_handler_invocation_contract()
+    public async Task A_queue_invocation_carries_the_message_and_the_trigger_metadata_the_stages_use()
     {
-        // Without the blob watcher: this test plays the host and delivers the event itself.
+        // Without the blob watcher: this test plays Event Grid and puts the event on the queue itself.
         using var host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
         using var http = await host.WaitUntilListeningAsync();
 
-        var name = "contract.jsonl";
-        var runId = await UploadAsync(name, "{\"text\":\"through the contract\"}\n");
+        var name = "metadata.jsonl";
+        var runId = await UploadAsync(name, "{\"text\":\"through the queue trigger\"}\n");
         var blob = _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name);
         var etag = (await blob.GetPropertiesAsync()).Value.ETag.ToString();
-        var eventJson = JsonSerializer.Serialize(new BlobCreatedEvent
+        await _pipeline.Storage.Queue(StorageNames.Queues.BlobCreated).SendMessageAsync(JsonSerializer.Serialize(new BlobCreatedEvent
         {
             Id = "1",
             Subject = $"/blobServices/default/containers/incoming/blobs/{name}",
             EventType = BlobCreatedEvent.EventTypeName,
             Data = new BlobCreatedData { ETag = etag },
-        }, PipelineJson.Default.BlobCreatedEvent);
-        var payload = new
-        {
-            Data = new Dictionary<string, object> { ["message"] = eventJson },
-            Metadata = new Dictionary<string, object> { ["DequeueCount"] = 1, ["Id"] = "m-1", ["sys"] = new { MethodName = "Ingest" } },
-        };
+        }, PipelineJson.Default.BlobCreatedEvent));
+        var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the queued event to be ingested", host);
+        // DequeueCount reached the stage as its attempt number.
+        Assert.Equal(1, run.Attempt);
 
-        using var response = await http.PostAsJsonAsync("/Ingest", payload);
-        Assert.Equal(HttpStatusCode.OK, response.StatusCode);
-        using var body = JsonDocument.Parse(await response.Content.ReadAsStringAsync());
-        Assert.True(body.RootElement.TryGetProperty("Outputs", out _));
-        Assert.Equal(JsonValueKind.Array, body.RootElement.GetProperty("Logs").ValueKind);
-        Assert.True(body.RootElement.TryGetProperty("ReturnValue", out _));
-        Assert.Equal(RunStatus.Succeeded, (await _pipeline.Runs.GetAsync(runId))!.GetStages()[Stages.Ingest]);
-
-        using var missing = await http.PostAsJsonAsync("/Ingest", new { Data = new { }, Metadata = new { } });
-        Assert.Equal(HttpStatusCode.BadRequest, missing.StatusCode);
-
-        // A message that can never succeed is acknowledged (200) and recorded with its reason, not retried.
-        using var invalid = await http.PostAsJsonAsync("/Commands", new { Data = new { message = "{\"type\":" }, Metadata = new { DequeueCount = 1, Id = "bad-1" } });
-        Assert.Equal(HttpStatusCode.OK, invalid.StatusCode);
-        var recorded = Assert.Single(await FailedMessages.ListAsync(_pipeline.Storage, StorageNames.Queues.Commands, CancellationToken.None));
+        // A message that can never succeed is acknowledged and recorded under its queue message Id, with its reason.
+        var sent = await _pipeline.Storage.Queue(StorageNames.Queues.Commands).SendMessageAsync("{\"type\":");
+        var recorded = await Eventually.ReturnsAsync(async () => (await FailedMessages.ListAsync(_pipeline.Storage, StorageNames.Queues.Commands, CancellationToken.None)).FirstOrDefault(),
+            Patience, "the invalid command to be recorded", () => host.Output);
+        Assert.Equal(sent.Value.MessageId, recorded.RowKey);
         Assert.Equal(FailedMessages.InvalidKind, recorded.Kind);
         Assert.Contains("not a valid command document", recorded.Reason);
-        var run = (await _pipeline.Runs.GetAsync(recorded.RunId!))!;
-        Assert.Equal(RunStatus.Failed, run.Status);
-        Assert.Equal(RejectionCodes.InvalidMessage, run.ErrorCode);
+        // The record is written first, then the run is failed.
+        var failed = await RunReachesAsync(recorded.RunId!, r => r.Status == RunStatus.Failed, "the invalid command's run to fail", host);
+        Assert.Equal(RejectionCodes.InvalidMessage, failed.ErrorCode);
+        Assert.Equal(0, (await _pipeline.Storage.Queue(StorageNames.Queues.Poison(StorageNames.Queues.Commands)).GetPropertiesAsync()).Value.ApproximateMessagesCount);
+        // The worker's logs reach the host (RpcLog) with their category.
+        Assert.Contains("Worker:Pipeline.Ingestion.IngestHandler", host.Output);
     }
 
     [Fact]

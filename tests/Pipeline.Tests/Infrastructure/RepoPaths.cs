@@ -8,8 +8,14 @@ public static class RepoPaths
     /// <summary>The build configuration the tests run under (Debug or Release).</summary>
     public static string Configuration { get; } = AppContext.BaseDirectory.Contains($"{Path.DirectorySeparatorChar}Release{Path.DirectorySeparatorChar}") ? "Release" : "Debug";
 
-    /// <summary>The function app folder as built: host.json, one folder per function, the handler.</summary>
+    /// <summary>The function app as built: the isolated worker with host.json, worker.config.json and functions.metadata.</summary>
     public static string FunctionApp => Path.Combine(Root, "functions", "bin", Configuration, "net10.0");
+
+    /// <summary>Local host mode (localhost/): starts the worker and drives it over FunctionRpc.</summary>
+    public static string LocalHost => Path.Combine(Root, "localhost", "bin", Configuration, "net10.0", "Pipeline.LocalHost.dll");
+
+    /// <summary>The built-in trainer (trainer/), which the local fine-tune backend starts.</summary>
+    public static string Trainer => Path.Combine(Root, "trainer", "bin", Configuration, "net10.0", "Pipeline.Trainer.dll");
 
     /// <summary><c>../shared/data</c> beside the project (CI always has it; a user's clone may not).</summary>
     public static string? SharedData

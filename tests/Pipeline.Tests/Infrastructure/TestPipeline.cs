@@ -5,6 +5,7 @@ using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Pipeline.Hosting;
 using Pipeline.Ingestion;
+using Pipeline.LocalHost.Triggers;
 using Pipeline.Messaging;
 using Pipeline.Runs;
 using Pipeline.Storage;
