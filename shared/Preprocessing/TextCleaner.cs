@@ -34,10 +34,7 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
         if (normalize.Unicode != "none")
         {
             var form = normalize.Unicode == "NFKC" ? NormalizationForm.FormKC : NormalizationForm.FormC;
-            if (!text.IsNormalized(form))
-            {
-                text = text.Normalize(form);
-            }
+            text = UnicodeNormalization.Normalize(text, form);
         }
 
         if (normalize.StripControl || normalize.CollapseWhitespace)
@@ -73,7 +70,7 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
         var changed = false;
         foreach (var c in text)
         {
-            if (char.IsControl(c) || c is '\u200B' or '\uFEFF' || (normalize.CollapseWhitespace && c != ' ' && char.IsWhiteSpace(c)))
+            if (IsControlOrFormat(c) || (normalize.CollapseWhitespace && c != ' ' && char.IsWhiteSpace(c)))
             {
                 changed = true;
                 break;
@@ -89,11 +86,14 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
         var pendingSpace = false;
         foreach (var c in text)
         {
-            var isSpace = char.IsWhiteSpace(c);
-            if (!isSpace && normalize.StripControl && (char.IsControl(c) || CharUnicodeInfo.GetUnicodeCategory(c) == UnicodeCategory.Format))
+            // Control characters go before white space is looked at, as in BERT's normalizer: U+0085 (NEL),
+            // U+000B and U+000C are white space to .NET but control characters, removed, to Hugging Face.
+            if (normalize.StripControl && IsControlOrFormat(c))
             {
                 continue;
             }
+
+            var isSpace = char.IsWhiteSpace(c);
 
             if (isSpace && normalize.CollapseWhitespace)
             {
@@ -112,6 +112,10 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
 
         return builder.ToString();
     }
+
+    /// <summary>Control (but not tab, line feed or carriage return) or format characters.</summary>
+    private static bool IsControlOrFormat(char c) =>
+        c is not ('\t' or '\n' or '\r') && (char.IsControl(c) || CharUnicodeInfo.GetUnicodeCategory(c) == UnicodeCategory.Format);
 
     private static string Replace(Regex regex, string text, string mask, ref long count)
     {

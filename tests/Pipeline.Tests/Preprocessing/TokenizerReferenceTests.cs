@@ -1,3 +1,5 @@
+using System.Globalization;
+using System.Text;
 using System.Text.Json;
 using Pipeline.Preprocessing;
 using Pipeline.Storage;
@@ -35,6 +37,74 @@ public sealed class TokenizerReferenceTests(Azurite azurite) : IClassFixture<Azu
         var mismatches = references.Where(r => !tokenizer.Encode(r.Text, ids).SequenceEqual(r.Ids))
             .Select(r => $"{r.Source}:{r.Line} {r.Text}\n  expected [{string.Join(',', r.Ids)}]\n  actual   [{string.Join(',', tokenizer.Encode(r.Text, ids))}]").ToList();
         Assert.True(mismatches.Count == 0, $"{mismatches.Count} sentences differ:\n{string.Join('\n', mismatches.Take(5))}");
+    }
+
+    /// <summary>A hand-made hard case: <see cref="Case"/> is its line in the file.</summary>
+    private sealed record AdversarialCase(int Case, string What, string Text, int[] Ids);
+
+    private static List<AdversarialCase> LoadAdversarial() =>
+        [.. File.ReadLines(Path.Combine(AppContext.BaseDirectory, "Data", "bert-base-uncased.adversarial.jsonl")).Select(l => JsonSerializer.Deserialize<AdversarialCase>(l, JsonSerializerOptions.Web)!)];
+
+    /// <summary>Cases whose text the default preprocessing changes on purpose, so that their ids may differ (Data/README.md).</summary>
+    private static readonly int[] ChangedByDefaultCleaning = [35, 184];
+
+    [Fact]
+    public async Task WordPiece_ids_match_the_hugging_face_library_on_every_adversarial_sentence()
+    {
+        var tokenizer = (await BertAsync()).Create();
+        var cases = LoadAdversarial();
+        Assert.True(cases.Count >= 200, $"{cases.Count} adversarial cases");
+        var mismatches = Mismatches(tokenizer, cases, text => text);
+        Assert.True(mismatches.Count == 0, $"{mismatches.Count} of {cases.Count} adversarial sentences differ:\n{string.Join('\n', mismatches)}");
+    }
+
+    [Fact]
+    public async Task Default_cleaning_then_WordPiece_keeps_the_hugging_face_ids_of_the_raw_text()
+    {
+        var tokenizer = (await BertAsync()).Create();
+        var cleaner = new TextCleaner(new NormalizeOptions(), new RedactOptions());
+        var cases = LoadAdversarial().Where(c => !ChangedByDefaultCleaning.Contains(c.Case)).ToList();
+        var mismatches = Mismatches(tokenizer, cases, text => cleaner.Clean(text, new RedactionCounts()));
+        Assert.True(mismatches.Count == 0, $"{mismatches.Count} of {cases.Count} adversarial sentences differ once cleaned:\n{string.Join('\n', mismatches)}");
+    }
+
+    [Fact]
+    public async Task WordPiece_drops_lone_surrogates_as_hugging_face_drops_their_replacement_character()
+    {
+        // Not in the JSONL file: System.Text.Json refuses to read a lone surrogate, though a string can hold one.
+        var tokenizer = (await BertAsync()).Create();
+        Assert.Equal([101, 11113, 1060, 102], tokenizer.Encode("a\ud800b x\udc00", []));
+    }
+
+    private static List<string> Mismatches(TextTokenizer tokenizer, List<AdversarialCase> cases, Func<string, string> prepare)
+    {
+        var ids = new List<int>();
+        return [.. cases.Where(c => !tokenizer.Encode(prepare(c.Text), ids).SequenceEqual(c.Ids))
+            .Select(c => $"line {c.Case} ({c.What}): \"{Escape(c.Text)}\"\n  expected [{string.Join(',', c.Ids)}]\n  actual   [{string.Join(',', tokenizer.Encode(prepare(c.Text), ids))}]")];
+    }
+
+    /// <summary>The text with invisible and combining characters as \u escapes, so a failure shows what is there.</summary>
+    private static string Escape(string text)
+    {
+        var escaped = new StringBuilder();
+        foreach (var c in text)
+        {
+            var category = char.GetUnicodeCategory(c);
+            var visible = c == ' ' || category is not (UnicodeCategory.Control or UnicodeCategory.Format
+                or UnicodeCategory.Surrogate or UnicodeCategory.PrivateUse or UnicodeCategory.OtherNotAssigned
+                or UnicodeCategory.SpaceSeparator or UnicodeCategory.LineSeparator or UnicodeCategory.ParagraphSeparator
+                or UnicodeCategory.NonSpacingMark or UnicodeCategory.EnclosingMark or UnicodeCategory.SpacingCombiningMark);
+            if (visible)
+            {
+                escaped.Append(c);
+            }
+            else
+            {
+                escaped.Append($"\\u{(int)c:X4}");
+            }
+        }
+
+        return escaped.ToString();
     }
 
     [Theory]
