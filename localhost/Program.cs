@@ -47,8 +47,9 @@ var supervisor = host.Services.GetRequiredService<WorkerSupervisor>();
 supervisor.RpcUri = new Uri($"http://127.0.0.1:{rpcPort}/");
 
 host.MapGrpcService<FunctionRpcService>().RequireHost($"*:{rpcPort}");
-// The host's own endpoints: its state (200 once a worker is ready) and the functions the worker indexed.
-host.MapGet("/", () => supervisor.Current is { } worker
+// The host's own endpoints, at the Functions host's admin paths: its state (200 once a worker is ready)
+// and the functions the worker indexed. Everything else is the app's.
+host.MapGet("/admin/host/status", () => supervisor.Current is { } worker
     ? Results.Json(new JsonObject
     {
         ["name"] = "Pipeline local host",

@@ -85,9 +85,9 @@ start_azurite() {
   export AzureWebJobsStorage="DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey=$key;BlobEndpoint=http://127.0.0.1:$blob/devstoreaccount1;QueueEndpoint=http://127.0.0.1:$queue/devstoreaccount1;TableEndpoint=http://127.0.0.1:$table/devstoreaccount1;"
 }
 
-# host_ready PORT: the local host answers GET / with 200 (its worker is ready).
+# host_ready PORT: the local host answers GET /admin/host/status with 200 (its worker is ready).
 host_ready() {
-  node -e "require('http').get('http://127.0.0.1:$1/', r => process.exit(r.statusCode === 200 ? 0 : 1)).on('error', () => process.exit(1))"
+  node -e "require('http').get('http://127.0.0.1:$1/admin/host/status', r => process.exit(r.statusCode === 200 ? 0 : 1)).on('error', () => process.exit(1))"
 }
 
 # start_host: local host mode (localhost/) running the function app's isolated worker, logging to

@@ -26,7 +26,11 @@ public sealed class HttpForwarder(WorkerSupervisor workers, string routePrefix, 
 
     public async Task HandleAsync(HttpContext context)
     {
-        var routes = _routes ??= [.. (await workers.Indexed).Where(f => f.IsHttpTrigger).Select(f => (f, new TemplateMatcher(TemplateParser.Parse(Prefixed(f.Route)), new RouteValueDictionary())))];
+        // The most specific route first (literals before parameters before catch-alls), as ASP.NET Core routing orders them.
+        var routes = _routes ??= [.. (await workers.Indexed).Where(f => f.IsHttpTrigger)
+            .Select(f => (Function: f, Template: TemplateParser.Parse(Prefixed(f.Route))))
+            .OrderBy(r => RoutePrecedence.ComputeInbound(r.Template))
+            .Select(r => (r.Function, new TemplateMatcher(r.Template, new RouteValueDictionary())))];
         var values = new RouteValueDictionary();
         var match = routes.FirstOrDefault(r => r.Function.Methods.Contains(context.Request.Method, StringComparer.OrdinalIgnoreCase) && r.Matcher.TryMatch(context.Request.Path, values = new RouteValueDictionary()));
         if (match.Function is null)
@@ -83,7 +87,7 @@ public sealed class HttpForwarder(WorkerSupervisor workers, string routePrefix, 
         }
     }
 
-    private string Prefixed(string route) => routePrefix.Length == 0 ? route : $"{routePrefix.Trim('/')}/{route.TrimStart('/')}";
+    private string Prefixed(string route) => routePrefix.Trim('/').Length == 0 ? route.TrimStart('/') : $"{routePrefix.Trim('/')}/{route.TrimStart('/')}";
 
     private static InvocationRequest Invocation(IndexedFunction function, RouteValueDictionary values, HttpRequest request)
     {

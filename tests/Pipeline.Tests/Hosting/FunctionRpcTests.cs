@@ -24,7 +24,7 @@ public sealed class FunctionRpcTests(Azurite azurite) : IClassFixture<Azurite>
         using var host = new LocalHostProcess(azurite.ConnectionString, NoWatcher);
         using var http = await host.WaitUntilListeningAsync();
 
-        var state = (await http.GetFromJsonAsync<JsonObject>("/"))!;
+        var state = (await http.GetFromJsonAsync<JsonObject>("/admin/host/status"))!;
         Assert.Equal("running", state["state"]!.GetValue<string>());
         Assert.StartsWith("2.", state["worker"]!["version"]!.GetValue<string>());
         // The worker answered WorkerInitRequest with the capabilities of ASP.NET Core integration.

@@ -64,7 +64,7 @@ public sealed class LocalHostProcess : IDisposable
 
     public int ExitCode => _process.ExitCode;
 
-    /// <summary>Waits until the host answers <c>GET /</c> with 200: its worker has been started, initialized, has indexed and loaded its functions.</summary>
+    /// <summary>Waits until the host answers <c>GET /admin/host/status</c> with 200: its worker has been started, initialized, has indexed and loaded its functions.</summary>
     public async Task<HttpClient> WaitUntilListeningAsync()
     {
         var http = new HttpClient { BaseAddress = new Uri($"http://127.0.0.1:{Port}") };
@@ -77,7 +77,7 @@ public sealed class LocalHostProcess : IDisposable
 
             try
             {
-                return (await http.GetAsync("/")).IsSuccessStatusCode ? "up" : null;
+                return (await http.GetAsync("/admin/host/status")).IsSuccessStatusCode ? "up" : null;
             }
             catch (HttpRequestException)
             {
@@ -90,7 +90,7 @@ public sealed class LocalHostProcess : IDisposable
     /// <summary>The host's state: its worker's process id and how many workers it has started.</summary>
     public async Task<(int WorkerProcessId, int Starts)> WorkerAsync(HttpClient http)
     {
-        var state = (await http.GetFromJsonAsync<JsonObject>("/"))!;
+        var state = (await http.GetFromJsonAsync<JsonObject>("/admin/host/status"))!;
         var worker = state["worker"]!;
         return (worker["processId"]!.GetValue<int>(), worker["starts"]!.GetValue<int>());
     }
