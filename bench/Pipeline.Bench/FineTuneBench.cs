@@ -85,11 +85,14 @@ public static class FineTuneBench
         if (!generated)
         {
             // Same data, other hyperparameters: a new job that must read the features the first one cached.
-            var other = runSpec with { FineTune = JsonDocument.Parse(new JsonObject(fineTune.Select(p => KeyValuePair.Create(p.Key, p.Value?.DeepClone())))
+            var other = runSpec with
             {
-                ["learningRate"] = h.LearningRate * 2,
-                ["outputModelId"] = "bench-second",
-            }.ToJsonString()).RootElement.Clone() };
+                FineTune = JsonDocument.Parse(new JsonObject(fineTune.Select(p => KeyValuePair.Create(p.Key, p.Value?.DeepClone())))
+                {
+                    ["learningRate"] = h.LearningRate * 2,
+                    ["outputModelId"] = "bench-second",
+                }.ToJsonString()).RootElement.Clone()
+            };
             var (_, second, secondSeconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested.DatasetId!, preparedId, prepared, other), "bench-ft-second");
             Console.WriteLine($"| second job (learning rate {h.LearningRate * 2}): feature cache hit | {(second["featureCacheHit"] == 1 ? "yes" : "no")}, features read in {second["featureSeconds"]:N2} s, whole job {secondSeconds:N1} s, accuracy {second["validationAccuracy"]:P1} |");
         }
