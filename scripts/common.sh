@@ -130,3 +130,25 @@ print_model_summary() {
     console.error(`  trained from ${m.lineage.baseModel} on ${m.lineage.datasetId} / ${m.lineage.preparedId} (job ${m.lineage.source}), ${x.trainExamplesPerSecond} examples/s`);
     console.error(`  folder: models/${m.modelId}/ (model.onnx, model.json)`);' "$1"
 }
+
+# print_scored_rows INPUT N: the first N scored rows of the newest run, beside their text (results from its artifacts).
+print_scored_rows() {
+  local input=$1 count=$2 run_id dir
+  run_id=$(pipeline runs --output json | node -e 'console.log(JSON.parse(require("fs").readFileSync(0, "utf8"))[0].runId)')
+  dir="$RUN_DIR/artifacts"
+  rm -rf "$dir"
+  pipeline artifacts "$run_id" --out "$dir" >/dev/null
+  node -e '
+    const fs = require("fs"), path = require("path");
+    const [dir, input, count] = process.argv.slice(1);
+    const find = d => fs.readdirSync(d, { withFileTypes: true }).flatMap(e => e.isDirectory() ? find(path.join(d, e.name)) : e.name === "results.jsonl" ? [path.join(d, e.name)] : []);
+    const results = find(dir);
+    if (results.length === 0) { console.error("no results.jsonl among the run artifacts"); process.exit(1); }
+    const texts = new Map(fs.readFileSync(input, "utf8").split("\n").filter(Boolean).map(l => JSON.parse(l)).map(r => [r.custom_id, r.text]));
+    const rows = fs.readFileSync(results[0], "utf8").split("\n").filter(Boolean).map(l => JSON.parse(l)).slice(0, Number(count));
+    console.error(`First ${rows.length} scored rows (label 1 = positive, 0 = negative):`);
+    for (const r of rows) {
+      const p = r.probabilities ? Math.max(...Object.values(r.probabilities)) : NaN;
+      console.error(`  ${r.custom_id.padEnd(10)} ${String(r.label ?? r.code).padEnd(3)} ${(100 * p).toFixed(1).padStart(5)}%  ${texts.get(r.custom_id) ?? ""}`);
+    }' "$dir" "$input" "$count"
+}

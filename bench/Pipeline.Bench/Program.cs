@@ -4,7 +4,8 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- infer [rows]              (default: 20000)
-// dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}'] (default: the defaults)
+// dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}']  (the real encoder: the starter all-MiniLM-L6-v2)
+// dotnet run -c Release --project bench/Pipeline.Bench -- finetune generated ['{json}'] (the generated bag-of-embeddings base)
 // Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
@@ -25,10 +26,11 @@ switch (mode)
         await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000);
         break;
     case "finetune":
-        await FineTuneBench.RunAsync(args.Length > 1 ? args[1] : null);
+        var generated = args.Length > 1 && args[1] == "generated";
+        await FineTuneBench.RunAsync(args.Skip(generated ? 2 : 1).FirstOrDefault(), generated);
         break;
     default:
-        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers] | finetune ['{json}']");
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers] | finetune [generated] ['{json}']");
         return 2;
 }
 

@@ -13,19 +13,27 @@ public sealed record FineTuneSpec
 {
     /// <summary>A registered model id, or <c>generated:bag-of-embeddings</c> (default): a seeded base over the prepared data's tiktoken encoding.</summary>
     public string BaseModel { get; set; } = GeneratedBase;
-    public int Epochs { get; set; } = 12;
-    public double LearningRate { get; set; } = 0.02;
+    /// <summary>Default 12 when the embeddings train too; 60 for a head on a frozen encoder (cheap epochs; early stopping ends them).</summary>
+    public int? Epochs { get; set; }
+    /// <summary>Default 0.02 when the embeddings train too; 0.0005 for a head on a frozen encoder (on standardised features).</summary>
+    public double? LearningRate { get; set; }
     public int BatchSize { get; set; } = 32;
-    public double WeightDecay { get; set; } = 0.0001;
+    /// <summary>Default 0.0001 when the embeddings train too; 0.05 for a head on a frozen encoder.</summary>
+    public double? WeightDecay { get; set; }
     /// <summary>Fraction of the steps over which the learning rate warms up linearly (then decays linearly to 0).</summary>
     public double WarmupFraction { get; set; } = 0.05;
     public int Seed { get; set; } = 42;
-    /// <summary>Epochs without a better validation loss before training stops (0: never stop early).</summary>
-    public int EarlyStoppingPatience { get; set; } = 3;
+    /// <summary>Epochs without a better validation loss before training stops (0: never stop early). Default 3; 6 for a head on a frozen encoder.</summary>
+    public int? EarlyStoppingPatience { get; set; }
     /// <summary><c>head</c> (the encoder is frozen) or <c>head+embeddings</c> (bag-of-embeddings bases only; default for them).</summary>
     public string? Trainable { get; set; }
     /// <summary>Weight each class's loss by inverse frequency (default true).</summary>
     public bool ClassWeights { get; set; } = true;
+    /// <summary>
+    /// How the encoder's token vectors become the head's features: <c>mean</c>, <c>cls</c> or <c>max</c>, optionally
+    /// <c>+normalize</c> (L2). Default: the base model's (model.json; from its sentence-transformers files when it has them).
+    /// </summary>
+    public string? Pooling { get; set; }
     /// <summary>Where the job runs: <c>local</c>, <c>azureml</c> or <c>containerapps</c>; default: the app's <c>Pipeline:FineTune:Backend</c> (local).</summary>
     public string? Backend { get; set; }
     /// <summary>The job is stopped and the run failed after this long (default 120 minutes).</summary>
@@ -68,13 +76,14 @@ public sealed record FineTuneSpec
             }
         }
 
-        Check(Epochs is >= 1 and <= 1000, $"epochs is {Epochs}; use 1 to 1000");
-        Check(LearningRate is > 0 and <= 10, $"learningRate is {LearningRate}; use a value in (0, 10]");
+        Check(Epochs is null or (>= 1 and <= 1000), $"epochs is {Epochs}; use 1 to 1000");
+        Check(LearningRate is null or (> 0 and <= 10), $"learningRate is {LearningRate}; use a value in (0, 10]");
         Check(BatchSize is >= 1 and <= 65536, $"batchSize is {BatchSize}; use 1 to 65536");
-        Check(WeightDecay is >= 0 and < 1, $"weightDecay is {WeightDecay}; use 0 to 1");
+        Check(WeightDecay is null or (>= 0 and < 1), $"weightDecay is {WeightDecay}; use 0 to 1");
         Check(WarmupFraction is >= 0 and < 1, $"warmupFraction is {WarmupFraction}; use 0 to 1");
-        Check(EarlyStoppingPatience >= 0, $"earlyStoppingPatience is {EarlyStoppingPatience}; use 0 (off) or more");
+        Check(EarlyStoppingPatience is null or >= 0, $"earlyStoppingPatience is {EarlyStoppingPatience}; use 0 (off) or more");
         Check(Trainable is null or TrainHead or TrainHeadAndEmbeddings, $"trainable is '{Trainable}'; use '{TrainHead}' or '{TrainHeadAndEmbeddings}'");
+        Check(Pooling is null || Models.Pooling.TryParse(Pooling) is not null, $"pooling is '{Pooling}'; {Models.Pooling.Describe}");
         Check(Backend is null || FineTuneBackends.All.Contains(Backend), $"backend is '{Backend}'; use one of {string.Join(", ", FineTuneBackends.All)}");
         Check(MaxDurationMinutes > 0, $"maxDurationMinutes is {MaxDurationMinutes}; use a positive number");
         Check(OutputModelId is null || (OutputModelId.Length is > 0 and <= 64 && OutputModelId.All(c => char.IsAsciiLetterOrDigit(c) || c is '-' or '_')),
@@ -142,6 +151,8 @@ public sealed record Hyperparameters
     public required int EarlyStoppingPatience { get; init; }
     public required string Trainable { get; init; }
     public required bool ClassWeights { get; init; }
+    /// <summary>The features' pooling (<c>mean+normalize</c>...); absent in specs written before it existed: the base model's.</summary>
+    public string? Pooling { get; init; }
 }
 
 public static class JobStates

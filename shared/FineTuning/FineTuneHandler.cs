@@ -183,17 +183,26 @@ public sealed class FineTuneHandler(
             throw new FineTuneRejectedException(FineTuneErrorCodes.InvalidHyperparameters, $"trainable '{trainable}' needs a generated bag-of-embeddings base; {baseModel.ModelId} is an encoder, so only its head can train (trainable 'head').");
         }
 
+        var pooling = Pooling.TryParse(spec.Pooling) ?? baseModel.SentencePooling;
+        if (trainable == FineTuneSpec.TrainHeadAndEmbeddings && pooling != Pooling.Default)
+        {
+            throw new FineTuneRejectedException(FineTuneErrorCodes.InvalidHyperparameters, $"trainable '{trainable}' trains the embedding table under mean pooling; pooling '{pooling}' needs trainable '{FineTuneSpec.TrainHead}'.");
+        }
+
+        var frozen = trainable == FineTuneSpec.TrainHead;
         var hyper = new Hyperparameters
         {
-            Epochs = spec.Epochs,
-            LearningRate = spec.LearningRate,
+            // A head on frozen features: standardised inputs, many cheap epochs at a small rate, stronger decay (measured in bench/).
+            Epochs = spec.Epochs ?? (frozen ? 60 : 12),
+            LearningRate = spec.LearningRate ?? (frozen ? 0.0005 : 0.02),
             BatchSize = spec.BatchSize,
-            WeightDecay = spec.WeightDecay,
+            WeightDecay = spec.WeightDecay ?? (frozen ? 0.05 : 0.0001),
             WarmupFraction = spec.WarmupFraction,
             Seed = spec.Seed,
-            EarlyStoppingPatience = spec.EarlyStoppingPatience,
+            EarlyStoppingPatience = spec.EarlyStoppingPatience ?? (frozen ? 6 : 3),
             Trainable = trainable,
             ClassWeights = spec.ClassWeights,
+            Pooling = pooling.ToString(),
         };
         var backend = spec.Backend ?? Options.Backend;
         var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId, spec.MaxDurationMinutes);
@@ -250,9 +259,10 @@ public sealed class FineTuneHandler(
 
         var manifest = await BlobJson.ReadAsync(models.GetBlobClient($"{spec.BaseModel}/{ModelManifest.FileName}"), ModelJson.Default.ModelManifest, cancellationToken)
             ?? throw new FineTuneRejectedException(FineTuneErrorCodes.BaseModelNotFound, $"The base model '{spec.BaseModel}' is not registered (models/{spec.BaseModel}/model.json). See `pipeline models`.");
-        if (manifest.Output != ModelGenerator.LastHiddenState)
+        if (!EncoderHead.BaseOutputs.Contains(manifest.Output) && manifest.Output != ModelGenerator.Probabilities)
         {
-            throw new FineTuneRejectedException(FineTuneErrorCodes.UnsupportedTask, $"The base model '{spec.BaseModel}' outputs {manifest.Output}; a base for fine-tuning must output last_hidden_state (an encoder without a head).");
+            throw new FineTuneRejectedException(FineTuneErrorCodes.UnsupportedTask,
+                $"The base model '{spec.BaseModel}' outputs {manifest.Output}; a base for fine-tuning outputs last_hidden_state or token_embeddings (an encoder), sentence_embedding, or logits (a classifier, whose head is replaced).");
         }
 
         var baseTokenizer = await TokenizerSource.LoadAsync(storage, manifest.Tokenizer, cancellationToken);

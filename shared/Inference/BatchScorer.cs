@@ -233,7 +233,10 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
         }
     }
 
-    /// <summary>One row's vector from the output: probabilities (softmax of logits), or a pooled, optionally normalized embedding.</summary>
+    /// <summary>
+    /// One row's vector from the output: probabilities (softmax of logits), or a pooled, optionally normalized
+    /// embedding: the pooling <see cref="EncoderHead"/> puts in a fine-tuned model's graph (a test keeps them equal).
+    /// </summary>
     private float[] Extract(ReadOnlySpan<float> data, long[] dims, int row, int length)
     {
         var manifest = model.Manifest;
@@ -245,9 +248,21 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
             var hidden = (int)dims[2];
             vector = new float[hidden];
             var rowData = data.Slice(row * sequence * hidden, sequence * hidden);
-            if (manifest.Pooling == "cls")
+            if (manifest.Pooling == Pooling.Cls)
             {
                 rowData[..hidden].CopyTo(vector);
+            }
+            else if (manifest.Pooling == Pooling.Max)
+            {
+                rowData[..hidden].CopyTo(vector);
+                for (var t = 1; t < length; t++)
+                {
+                    var token = rowData.Slice(t * hidden, hidden);
+                    for (var h = 0; h < hidden; h++)
+                    {
+                        vector[h] = Math.Max(vector[h], token[h]);
+                    }
+                }
             }
             else
             {

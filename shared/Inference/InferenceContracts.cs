@@ -11,7 +11,7 @@ public sealed record InferenceOptions
     public string? TextField { get; init; }
     /// <summary>The id field or column; default: <c>custom_id</c>, <c>id</c>, <c>uid</c>, <c>key</c>.</summary>
     public string? IdField { get; init; }
-    /// <summary>Embeddings: L2-normalize each vector (default false).</summary>
+    /// <summary>Embeddings: L2-normalize each vector (default: as the model was trained, model.json's <c>normalize</c>).</summary>
     public bool? Normalize { get; init; }
     /// <summary>Upper bound of a dynamic batch in tokens, padding included (default from configuration).</summary>
     public int? MaxTokensPerBatch { get; init; }
@@ -23,7 +23,7 @@ public sealed record InferenceOptions
         RowsPerShard = RowsPerShard ?? DefaultRowsPerShard,
         TextField = TextField,
         IdField = IdField,
-        Normalize = Normalize ?? false,
+        Normalize = Normalize,
         MaxTokensPerBatch = MaxTokensPerBatch ?? settings.MaxTokensPerBatch,
     };
 

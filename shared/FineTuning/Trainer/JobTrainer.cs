@@ -157,9 +157,14 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         }
 
         var table = baseModel.Graph.Initializer.FirstOrDefault(t => t.Name == ModelGenerator.EmbeddingTable && t.Dims.Count == 2);
-        var bagOfEmbeddings = baseModel.MetadataProps.Any(p => p.Key == ModelGenerator.KindProperty && p.Value == GeneratedModelSpec.BagOfEmbeddingsKind) && table is not null;
+        var bagOfEmbeddings = baseModel.MetadataProps.Any(p => p.Key == ModelGenerator.KindProperty && p.Value == GeneratedModelSpec.BagOfEmbeddingsKind) && table is not null
+            && spec.Hyperparameters.Trainable == FineTuneSpec.TrainHeadAndEmbeddings;
+        var pooling = Pooling.TryParse(spec.Hyperparameters.Pooling) ?? baseManifest.SentencePooling;
         int hidden;
         float[]? embeddings = null;
+        FeatureSet? features = null;
+        FeatureScaler? scaler = null;
+        var rawValidation = validation;
         if (bagOfEmbeddings)
         {
             hidden = (int)table!.Dims[1];
@@ -172,14 +177,15 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         }
         else
         {
-            // A frozen encoder: its pooled outputs are computed once with ONNX Runtime, then only the head trains.
-            // With the inference settings (Pipeline:Inference): CUDA when configured.
-            using var sessions = new ModelSessions(storage, inference, Microsoft.Extensions.Logging.Abstractions.NullLogger<ModelSessions>.Instance);
-            var runtime = await sessions.GetAsync(spec.BaseModel, cancellationToken);
-            var scorer = new BatchScorer(runtime, inference.Value, 2048, normalize: false);
-            train = train with { Features = await FeaturesAsync(scorer, train.Tokens!, cancellationToken) };
-            validation = validation with { Features = await FeaturesAsync(scorer, validation.Tokens!, cancellationToken) };
-            hidden = train.Features![0].Length;
+            // A frozen encoder: its pooled features are computed once (or read from the cache), then only the head
+            // trains, on standardised features. With the inference settings (Pipeline:Inference): CUDA when configured.
+            features = await new FrozenFeatures(storage, inference.Value).GetAsync(spec, baseManifest, baseModel, pooling, train.Tokens!, validation.Tokens!, cancellationToken);
+            logger.LogInformation("Features of {Rows} examples {How} in {Seconds:F1} s ({Blob})", train.Count + validation.Count, features.CacheHit ? "read from the cache" : "computed", features.Seconds, features.Blob);
+            scaler = FeatureScaler.Fit(features.Train);
+            rawValidation = validation with { Features = features.Validation };
+            train = train with { Features = scaler.Apply(features.Train) };
+            validation = validation with { Features = scaler.Apply(features.Validation) };
+            hidden = features.Hidden;
         }
 
         var trainer = new ClassifierTrainer(spec.Hyperparameters, spec.Labels.Count, hidden);
@@ -223,9 +229,24 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
             ["trainExamplesPerSecond"] = Math.Round(result.Epochs.Average(e => e.ExamplesPerSecond), 1),
         };
 
-        var merged = bagOfEmbeddings && result.Embeddings is { } trained
-            ? ModelGenerator.WithClassificationHead(ModelGenerator.BagOfEmbeddings(trained, (int)table!.Dims[0], hidden), result.Weight, result.Bias, spec.Labels.Count)
-            : ModelGenerator.WithClassificationHead(baseModel, result.Weight, result.Bias, spec.Labels.Count);
+        ModelProto merged;
+        if (features is not null)
+        {
+            metrics["featureCacheHit"] = features.CacheHit ? 1 : 0;
+            metrics["featureSeconds"] = Math.Round(features.Seconds, 2);
+            if (!features.CacheHit)
+            {
+                metrics["featureRowsPerSecond"] = Math.Round((train.Count + validation.Count) / Math.Max(1e-6, features.Seconds), 1);
+            }
+
+            var (weight, bias) = scaler!.Fold(result.Weight, result.Bias);
+            merged = EncoderHead.Classifier(baseModel, pooling, weight, bias, spec.Labels.Count);
+            metrics["mergedMaxProbabilityDifference"] = await CheckMergedAsync(merged, baseManifest, trainer, result, validation, rawValidation, cancellationToken);
+        }
+        else
+        {
+            merged = EncoderHead.Classifier(ModelGenerator.BagOfEmbeddings(result.Embeddings ?? embeddings!, (int)table!.Dims[0], hidden), Pooling.Default, result.Weight, result.Bias, spec.Labels.Count);
+        }
         var files = new Dictionary<string, byte[]>();
         if (baseManifest.Tokenizer.Files is { Length: > 0 } folder)
         {
@@ -255,11 +276,52 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         return metrics;
     }
 
-    private static async Task<List<float[]>> FeaturesAsync(BatchScorer scorer, List<int[]> tokens, CancellationToken cancellationToken)
+    /// <summary>Rows of validation the merged model is checked on before it is registered.</summary>
+    public const int MergeCheckRows = 64;
+
+    /// <summary>
+    /// Runs the merged classifier in ONNX Runtime on a sample of validation rows and compares its probabilities
+    /// with the trainer's (head on the standardised features): a model that loads but computes something else is
+    /// never registered. Returns the largest difference.
+    /// </summary>
+    private async Task<double> CheckMergedAsync(ModelProto merged, ModelManifest baseManifest, ClassifierTrainer trainer, TrainedClassifier result, TrainingSet validation, TrainingSet raw, CancellationToken cancellationToken)
     {
-        var (rows, _) = await scorer.ScoreTokensAsync(tokens, cancellationToken);
-        return [.. rows.Select((r, i) => r.Values ?? throw new InvalidOperationException($"The base model failed on training example {i}: {r.Error}"))];
+        var sample = Enumerable.Range(0, Math.Min(MergeCheckRows, validation.Count)).ToList();
+        if (sample.Count == 0)
+        {
+            return 0;
+        }
+
+        var tokenizer = await TokenizerSource.LoadAsync(storage, baseManifest.Tokenizer, cancellationToken);
+        ModelRuntime runtime;
+        try
+        {
+            runtime = ModelSessions.FromGraph(merged.ToByteArray(), baseManifest with { Task = ModelTasks.Classification, Output = ModelGenerator.Probabilities }, tokenizer, inference.Value);
+        }
+        catch (Microsoft.ML.OnnxRuntime.OnnxRuntimeException e)
+        {
+            throw new InvalidOperationException($"The merged classifier (base {baseManifest.ModelId} + head) does not load in ONNX Runtime: {e.Message}", e);
+        }
+
+        using (runtime)
+        {
+            var (rows, _) = await new BatchScorer(runtime, inference.Value, 2048, normalize: false).ScoreTokensAsync([.. sample.Select(i => raw.Tokens![i])], cancellationToken);
+            double worst = 0;
+            for (var s = 0; s < sample.Count; s++)
+            {
+                var expected = trainer.Probabilities(result.Weight, result.Bias, validation.Features![sample[s]]);
+                var actual = rows[s].Values ?? throw new InvalidOperationException($"The merged classifier failed on validation row {sample[s]}: {rows[s].Error}");
+                worst = Math.Max(worst, expected.Zip(actual, (e, a) => Math.Abs(e - a)).Max());
+            }
+
+            return worst > MergeTolerance
+                ? throw new InvalidOperationException($"The merged classifier's probabilities differ from the trainer's by up to {worst:G3} on {sample.Count} validation rows (tolerance {MergeTolerance}); the model is not registered.")
+                : Math.Round(worst, 8);
+        }
     }
+
+    /// <summary>Largest difference allowed between the trainer's and the merged model's probabilities (batching and float order differ).</summary>
+    public const double MergeTolerance = 2e-3;
 
     /// <summary>A split's labelled records from its shards: <c>{"input_ids":[...],"label":k,...}</c> per line.</summary>
     private async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)

@@ -16,6 +16,7 @@ public sealed class OnnxGraph
     /// </summary>
     public const int Opset = 17;
     private readonly GraphProto _graph;
+    private readonly string _prefix;
     private int _next;
 
     public OnnxGraph(string name)
@@ -23,10 +24,14 @@ public sealed class OnnxGraph
     {
     }
 
-    /// <summary>Appends to an existing graph (new node names continue after the existing ones).</summary>
-    public OnnxGraph(GraphProto graph)
+    /// <summary>
+    /// Appends to an existing graph. New node and value names continue after the existing ones, and start with
+    /// <paramref name="prefix"/> when one is given (so they cannot collide with the names an exporter chose).
+    /// </summary>
+    public OnnxGraph(GraphProto graph, string prefix = "")
     {
         _graph = graph;
+        _prefix = prefix;
         _next = graph.Node.Count;
     }
 
@@ -82,9 +87,9 @@ public sealed class OnnxGraph
 
     public string[] NodeWithOutputs(string opType, string[] inputs, int outputs, params (string Name, object Value)[] attributes)
     {
-        var node = new NodeProto { OpType = opType, Name = $"{opType}_{_next}" };
+        var node = new NodeProto { OpType = opType, Name = $"{_prefix}{opType}_{_next}" };
         node.Input.AddRange(inputs);
-        var names = Enumerable.Range(0, outputs).Select(i => $"{opType.ToLowerInvariant()}_{_next}_{i}").ToArray();
+        var names = Enumerable.Range(0, outputs).Select(i => $"{_prefix}{opType.ToLowerInvariant()}_{_next}_{i}").ToArray();
         _next++;
         node.Output.AddRange(names);
         foreach (var (attributeName, value) in attributes)

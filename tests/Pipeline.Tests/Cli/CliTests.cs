@@ -183,4 +183,49 @@ public sealed class CliTests : IAsyncLifetime
         Assert.Equal(0, generated.ExitCode);
         Assert.Equal("embedding", JsonDocument.Parse(generated.Output).RootElement[0].GetProperty("task").GetString());
     }
+
+    [Fact]
+    public async Task A_dropped_hugging_face_export_of_a_real_encoder_fine_tunes_and_scores_through_submit()
+    {
+        // As a user uploads an export: the encoder, its tokenizer and configuration files, no sentence-transformers files.
+        var models = new Azure.Storage.Blobs.BlobContainerClient(_azurite.ConnectionString, "models");
+        await models.CreateIfNotExistsAsync();
+        foreach (var name in new[] { "config.json", "tokenizer_config.json", "vocab.txt", "model.onnx" })
+        {
+            await models.GetBlobClient($"user-minilm/{name}").UploadAsync(new BinaryData(Models.StarterModelTests.Files[name]), overwrite: true);
+        }
+
+        var registration = await Eventually.ReturnsAsync(async () =>
+        {
+            var blob = models.GetBlobClient("user-minilm/_registration.json");
+            return await blob.ExistsAsync() && (await blob.DownloadContentAsync()).Value.Content.ToString() is var text && text.Contains("\"registered\"") ? text : null;
+        }, TimeSpan.FromSeconds(60), "the dropped folder to be registered", () => _host.Output);
+        Assert.Contains("user-minilm", registration);
+
+        var data = File("reviews.tsv", string.Concat(System.IO.File.ReadLines(Path.Combine(RepoPaths.Root, "samples", "reviews.txt")).Where((_, i) => i % 8 == 0).Select(l => l + "\n")));
+        var rows = File("rows.jsonl", "{\"custom_id\":\"good\",\"text\":\"The staff were lovely and the pasta was superb.\"}\n{\"custom_id\":\"bad\",\"text\":\"Cold food, rude waiter, never again.\"}\n");
+        var spec = File("spec.json", """
+            {"ingest":{"format":"tsv","columns":["text","label"],"maxInvalidFraction":0.05},
+             "preprocess":{"tokenizer":{"kind":"wordpiece","files":"models/user-minilm/"},"validationFraction":0.2,"seed":42},
+             "fineTune":{"baseModel":"user-minilm","outputModelId":"user-minilm-sentiment"}}
+            """);
+        var submit = await PipelineAsync("submit", data, "--spec", spec, "--score", rows, "--wait", "--timeout", "170", "-o", "json");
+
+        Assert.True(submit.ExitCode == 0, submit.Output + submit.Error + _host.Output);
+        var run = JsonDocument.Parse(submit.Output).RootElement;
+        Assert.Equal(RunStatus.Succeeded, run.GetProperty("status").GetString());
+        Assert.Equal("models/user-minilm-sentiment/", run.GetProperty("artifacts").GetProperty("model").GetString());
+        var model = JsonDocument.Parse((await models.GetBlobClient("user-minilm-sentiment/model.json").DownloadContentAsync()).Value.Content.ToString()).RootElement;
+        Assert.Equal(("classification", "user-minilm"), (model.GetProperty("task").GetString(), model.GetProperty("lineage").GetProperty("baseModel").GetString()));
+        // No sentence-transformers files: the documented default pooling (mean, not normalised).
+        Assert.Equal("mean", JsonDocument.Parse((await models.GetBlobClient("user-minilm/model.json").DownloadContentAsync()).Value.Content.ToString()).RootElement.GetProperty("pooling").GetString());
+
+        var results = run.GetProperty("artifacts").GetProperty("results").GetString()!;
+        var outputs = new Azure.Storage.Blobs.BlobContainerClient(_azurite.ConnectionString, results[..results.IndexOf('/')]);
+        var scored = (await outputs.GetBlobClient(results[(results.IndexOf('/') + 1)..]).DownloadContentAsync()).Value.Content.ToString()
+            .Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement).ToDictionary(r => r.GetProperty("custom_id").GetString()!);
+        Assert.Equal(2, scored.Count);
+        Assert.Equal("1", scored["good"].GetProperty("label").GetString());
+        Assert.Equal("0", scored["bad"].GetProperty("label").GetString());
+    }
 }
