@@ -3,14 +3,14 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- ingest [sizeMB ...]        (default: 64 256)
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
-// dotnet run -c Release --project bench/Pipeline.Bench -- infer [rows]              (default: 20000)
+// dotnet run -c Release --project bench/Pipeline.Bench -- infer [real] [rows]       (default: 20000; real: the pretrained MiniLM classifier)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}']  (the real encoder: the starter all-MiniLM-L6-v2)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune generated ['{json}'] (the generated bag-of-embeddings base)
 // Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
 var mode = args.Length > 0 ? args[0] : "ingest";
-var numbers = mode == "finetune" ? [] : args.Skip(1).Select(int.Parse).ToArray();
+var numbers = mode == "finetune" ? [] : args.Skip(1).Where(a => a != "real").Select(int.Parse).ToArray();
 switch (mode)
 {
     case "ingest":
@@ -23,14 +23,14 @@ switch (mode)
         NearDuplicateBench.Run(numbers.Length > 0 ? numbers : [10_000, 100_000, 1_000_000]);
         break;
     case "infer":
-        await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000);
+        await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000, real: args.Length > 1 && args[1] == "real");
         break;
     case "finetune":
         var generated = args.Length > 1 && args[1] == "generated";
         await FineTuneBench.RunAsync(args.Skip(generated ? 2 : 1).FirstOrDefault(), generated);
         break;
     default:
-        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [numbers] | finetune [generated] ['{json}']");
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [real] [numbers] | finetune [generated] ['{json}']");
         return 2;
 }
 
