@@ -208,7 +208,7 @@ public sealed class HttpApiTests : IAsyncLifetime
     {
         var functions = (await _http.GetFromJsonAsync<JsonElement>("/admin/functions")).EnumerateArray()
             .Select(f => (Name: f.GetProperty("name").GetString(), Trigger: f.GetProperty("bindings")[0])).Where(f => f.Trigger.GetProperty("type").GetString() == "httpTrigger").ToList();
-        Assert.Equal(11, functions.Count);
+        Assert.Equal(12, functions.Count);
         foreach (var (name, trigger) in functions)
         {
             if (name == "Dashboard")
