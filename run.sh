@@ -40,6 +40,7 @@ case "$MODE" in
     say "Starting Azurite (data in .azurite/) and the local host"
     start_azurite "$ROOT/.azurite" 10000
     start_host
+    printf '\nDashboard: http://127.0.0.1:%s/\n' "$HOST_PORT"
     cat >&2 <<MSG
 
 Pipeline is running locally (host on port $HOST_PORT, log: .run/host.log).

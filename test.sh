@@ -7,6 +7,7 @@ RUN_DIR="$ROOT/.run"
 
 require_tools
 install_azurite
+install_chromium
 say "Restoring packages"
 dotnet restore "$ROOT/Pipeline.sln" -nologo -v quiet
 build --no-restore
@@ -20,6 +21,9 @@ trap 'rm -rf "$publish_dir"' EXIT
 dotnet publish "$ROOT/functions/Pipeline.Functions.csproj" -c "$CONFIGURATION" -o "$publish_dir/functions" -nologo -v quiet "${WARNINGS_AS_ERRORS[@]}"
 for file in host.json worker.config.json functions.metadata Pipeline.Functions.dll extensions.json .azurefunctions/Microsoft.Azure.WebJobs.Extensions.Storage.Queues.dll; do
   [[ -f "$publish_dir/functions/$file" ]] || die "the function app's publish output lacks $file"
+done
+for page in index.html app.js api.js chart.js app.css; do
+  grep -q "dashboard/$page" "$publish_dir/functions/Pipeline.Functions.dll" || die "the function app's assembly lacks the dashboard's $page"
 done
 grep -q '"dotnet-isolated"' "$publish_dir/functions/worker.config.json" || die "worker.config.json does not declare dotnet-isolated"
 grep -q 'AzureStorageQueues' "$publish_dir/functions/extensions.json" || die "extensions.json lacks the storage queues extension"

@@ -28,6 +28,20 @@ install_azurite() {
   fi
 }
 
+# Debian's chromium for the dashboard's browser tests (Playwright drives it through ExecutablePath; Playwright's
+# own browser download is never used). Installed with apt-get when missing, as on a clean CI machine.
+CHROMIUM=/usr/bin/chromium
+install_chromium() {
+  [[ -x "$CHROMIUM" ]] && return
+  command -v apt-get >/dev/null || die "$CHROMIUM is missing and apt-get is not available: install Chromium there (the browser tests use it)"
+  local sudo=()
+  [[ $(id -u) -eq 0 ]] || sudo=(sudo)
+  say "Installing chromium (apt-get) for the browser tests"
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends chromium >/dev/null
+  [[ -x "$CHROMIUM" ]] || die "apt-get installed chromium but $CHROMIUM is missing"
+}
+
 # Warnings are errors, except NU1603 (the registry here serves the nearest newer version of some
 # dependencies): the worker SDK's inner extensions project does not read Directory.Build.props.
 WARNINGS_AS_ERRORS=(-warnaserror -warnnotaserror:NU1603)

@@ -20,7 +20,7 @@ public sealed class HostConfigurationTests
         Assert.Equal(TimeSpan.FromSeconds(5), options.VisibilityTimeout);
         Assert.Equal(Azure.Storage.Queues.QueueMessageEncoding.Base64, options.QueueMessageEncoding);
         Assert.Null(configuration["AzureFunctionsJobHost:customHandler:description:defaultExecutablePath"]);
-        Assert.Equal("api", configuration["AzureFunctionsJobHost:extensions:http:routePrefix"]);
+        Assert.Equal("", configuration["AzureFunctionsJobHost:extensions:http:routePrefix"]);
     }
 
     [Fact]
