@@ -124,7 +124,7 @@ param azureMlMaxNodes int = 1
 param azureMlVmPriority string = 'Dedicated'
 
 // One list of names: containers, queues, tables and Service Bus queues come from names.json, which
-// the tests compare with shared/Storage/StorageNames.cs and every function.json.
+// the tests compare with shared/Storage/StorageNames.cs and the functions the worker reports.
 var names = loadJsonContent('names.json')
 
 // Containers, queues and roles that have a fixed part in the flow (infra/lint.sh checks that each is
