@@ -59,7 +59,7 @@ public static class InferCommand
             {
                 type = MessageTypes.RetryFailed;
                 body = JsonSerializer.SerializeToElement(new RetryFailedCommand(batchId), InferenceJson.Default.RetryFailedCommand);
-                runId = "run-" + RunIds.Hash($"retry|{batchId}|{DateTimeOffset.UtcNow:O}", 24);
+                runId = RunIds.ForRetry(batchId);
             }
             else
             {

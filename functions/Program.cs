@@ -5,7 +5,7 @@ using Pipeline.Functions;
 using Pipeline.Functions.Telemetry;
 using Pipeline.Hosting;
 
-// The function app, a .NET isolated worker: the Functions host (or `pipeline-host` locally) starts this
+// The function app, a .NET isolated worker: the Functions host (or Pipeline.LocalHost locally) starts this
 // process and invokes the [Function] methods in Triggers/ (queues) and Api/ (HTTP) over FunctionRpc.
 var builder = FunctionsApplication.CreateBuilder(args);
 

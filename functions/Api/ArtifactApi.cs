@@ -202,7 +202,7 @@ public static class ArtifactApi
             return PipelineApi.Problem(409, "nothing-to-retry", "No row of this batch failed", $"Batch {batchId} scored all {manifest.Rows} rows; there is nothing to retry.");
         }
 
-        var runId = "run-" + RunIds.Hash($"retry|{batchId}|{DateTimeOffset.UtcNow:O}", 24);
+        var runId = RunIds.ForRetry(batchId);
         var run = await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"{StorageNames.Containers.Outputs}/{batchId}/", Stage = Stages.Inference }, ct);
         await sender.SendAsync(StorageNames.Queues.Commands, MessageTypes.RetryFailed, runId, new RetryFailedCommand(batchId), InferenceJson.Default.RetryFailedCommand, cancellationToken: ct);
         return Results.Json(RunView.From(run), ViewJson.Default.RunView, statusCode: StatusCodes.Status202Accepted);

@@ -32,8 +32,19 @@ public sealed class HttpForwarder(WorkerSupervisor workers, string routePrefix, 
             .OrderBy(r => RoutePrecedence.ComputeInbound(r.Template))
             .Select(r => (r.Function, new TemplateMatcher(r.Template, new RouteValueDictionary())))];
         var values = new RouteValueDictionary();
-        var match = routes.FirstOrDefault(r => r.Function.Methods.Contains(context.Request.Method, StringComparer.OrdinalIgnoreCase) && r.Matcher.TryMatch(context.Request.Path, values = new RouteValueDictionary()));
-        if (match.Function is null)
+        IndexedFunction? function = null;
+        foreach (var (candidate, matcher) in routes)
+        {
+            if (candidate.Methods.Contains(context.Request.Method, StringComparer.OrdinalIgnoreCase) && matcher.TryMatch(context.Request.Path, values))
+            {
+                function = candidate;
+                break;
+            }
+
+            values.Clear();
+        }
+
+        if (function is null)
         {
             await Results.Problem(statusCode: 404, title: "No function serves this route", detail: $"No HTTP function of this app serves {context.Request.Method} {context.Request.Path}.", type: "urn:pipeline:problem:no-route").ExecuteAsync(context);
             return;
@@ -46,7 +57,7 @@ public sealed class HttpForwarder(WorkerSupervisor workers, string routePrefix, 
             return;
         }
 
-        var invocation = Invocation(match.Function, values, context.Request);
+        var invocation = Invocation(function, values, context.Request);
         using var forward = Forward(context.Request, new Uri(new Uri(httpUri), context.Request.Path + context.Request.QueryString), invocation.InvocationId);
         var forwarding = _client.SendAsync(forward, HttpCompletionOption.ResponseHeadersRead, context.RequestAborted);
         var invoked = channel.InvokeAsync(invocation, context.RequestAborted);
@@ -78,12 +89,12 @@ public sealed class HttpForwarder(WorkerSupervisor workers, string routePrefix, 
             var result = await invoked;
             if (result.Result.Status != StatusResult.Types.Status.Success)
             {
-                logger.LogWarning("Function {Function} failed: {Exception}", match.Function.Name, result.Result.Exception?.Message);
+                logger.LogWarning("Function {Function} failed: {Exception}", function.Name, result.Result.Exception?.Message);
             }
         }
         catch (WorkerUnavailableException e)
         {
-            logger.LogWarning("Function {Function}: {Reason}", match.Function.Name, e.Message);
+            logger.LogWarning("Function {Function}: {Reason}", function.Name, e.Message);
         }
     }
 

@@ -1,4 +1,3 @@
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Configuration;
 using Pipeline.LocalHost.Rpc;
@@ -94,6 +93,4 @@ public sealed record IndexedFunction(string FunctionId, string Name, RpcFunction
         value.Length > 2 && value[0] == '%' && value[^1] == '%'
             ? settings[value[1..^1]] ?? throw new InvalidOperationException($"A binding refers to the app setting '{value[1..^1]}', which is not set.")
             : value;
-
-    public static readonly JsonSerializerOptions Json = new() { WriteIndented = false };
 }

@@ -1,6 +1,5 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
-using System.Text.Json;
 using System.Text.Json.Nodes;
 using Microsoft.Extensions.Hosting;
 using Microsoft.Extensions.Logging;
@@ -327,6 +326,4 @@ public sealed record WorkerConfig(string Executable, IReadOnlyList<string> Argum
 
         return new WorkerConfig(executable, arguments);
     }
-
-    public static readonly JsonSerializerOptions Json = new(JsonSerializerDefaults.Web);
 }

@@ -174,7 +174,8 @@ public sealed class ModelRegistry(StorageClients storage)
         using (session)
         {
             // Old exports (IR < 4) list their weights as inputs too: those are not fed.
-            var weights = ModelProto.Parser.ParseFrom(onnx).Graph.Initializer.Select(t => t.Name).ToHashSet();
+            var graph = ModelProto.Parser.ParseFrom(onnx).Graph;
+            var weights = graph.Initializer.Select(t => t.Name).ToHashSet();
             var inputs = session.InputMetadata.Keys.Where(i => !weights.Contains(i)).ToList();
             var unsupported = inputs.Except(KnownInputs).ToList();
             if (unsupported.Count > 0 || !inputs.Contains(ModelGenerator.InputIds))
@@ -190,7 +191,7 @@ public sealed class ModelRegistry(StorageClients storage)
                 task = ModelTasks.Embedding;
             }
 
-            var embeddingRows = EmbeddingRows(onnx);
+            var embeddingRows = EmbeddingRows(graph);
             if (embeddingRows is { } rows && rows != vocabularySize)
             {
                 throw new ModelRejectedException($"models/{folder}/: the vocabulary has {vocabularySize} tokens but the model's embedding table has {rows} rows. Upload the vocab.txt that belongs to this model.");
@@ -214,14 +215,14 @@ public sealed class ModelRegistry(StorageClients storage)
     }
 
     /// <summary>Rows of the word-embedding table (the first 2-D initializer fed by a Gather of input_ids), when the graph has one.</summary>
-    public static long? EmbeddingRows(byte[] onnx)
+    public static long? EmbeddingRows(byte[] onnx) => EmbeddingRows(ModelProto.Parser.ParseFrom(onnx).Graph);
+
+    public static long? EmbeddingRows(GraphProto graph)
     {
-        var graph = ModelProto.Parser.ParseFrom(onnx).Graph;
         var gather = graph.Node.FirstOrDefault(n => n.OpType == "Gather" && n.Input.Count == 2 && n.Input[1] == ModelGenerator.InputIds);
         var table = gather is null ? null : graph.Initializer.FirstOrDefault(t => t.Name == gather.Input[0] && t.Dims.Count == 2);
         return table?.Dims[0];
     }
-
 
     /// <summary>A vocab.txt from a Hugging Face tokenizer.json with a WordPiece model (token per line, in id order).</summary>
     private static byte[] WordPieceVocabulary(string tokenizerJson, string folder)

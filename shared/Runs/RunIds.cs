@@ -15,6 +15,10 @@ public static class RunIds
     public static string ForMessage(string queue, string messageText) =>
         "run-" + Hash($"{queue}:{messageText}", 24);
 
+    /// <summary>A new run for a batch's <c>retry-failed</c> command: each request is its own run.</summary>
+    public static string ForRetry(string batchId) =>
+        "run-" + Hash($"retry|{batchId}|{DateTimeOffset.UtcNow:O}", 24);
+
     public static string Hash(string input, int hexChars)
     {
         Span<byte> digest = stackalloc byte[32];
