@@ -354,6 +354,29 @@ public sealed class FineTuneHandler(
         files.Submission.UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(submission, FineTuneJson.Default.JobSubmission)),
             new BlobUploadOptions { Conditions = new BlobRequestConditions { IfMatch = etag } }, cancellationToken);
 
+    /// <summary>The trainer's heartbeat on the run (epoch, step, progress, metrics); a progress event when the epoch moved since the last look.</summary>
+    private async Task RecordProgressAsync(JobSpec job, RunRecord run, JobStatus status, CancellationToken cancellationToken)
+    {
+        var previous = run.GetCounts().GetValueOrDefault("fineTuneEpoch");
+        var updated = await UpdateRunAsync(job, r =>
+        {
+            r.SetStage(Stages.FineTune, RunStatus.Running);
+            r.SetCounts(new Dictionary<string, long>
+            {
+                ["fineTuneEpoch"] = status.Epoch,
+                ["fineTuneEpochs"] = status.Epochs,
+                ["fineTuneStep"] = status.Step,
+                ["fineTuneProgressPercent"] = (long)Math.Round(100 * status.Progress),
+                ["fineTuneAttempt"] = status.Attempt,
+            });
+            r.SetMetrics(status.Metrics);
+        }, cancellationToken);
+        if (status.Epoch != previous)
+        {
+            await events.PublishAsync(RunEvents.Types.FineTuneProgress, updated, cancellationToken);
+        }
+    }
+
     /// <summary>One look at the job; the outcome when it has ended (the run updated), or null while it goes on.</summary>
     private async Task<string?> PollAsync(JobSpec job, JobFiles files, JobSubmission submission, CancellationToken cancellationToken)
     {
@@ -374,6 +397,13 @@ public sealed class FineTuneHandler(
             switch (status.State)
             {
                 case JobStates.Succeeded:
+                    // A trainer faster than the polls ends before any poll saw it running: its epochs are still progress
+                    // (once: a look after the stage has succeeded leaves the run as it is).
+                    if (run.GetStages().GetValueOrDefault(Stages.FineTune) != RunStatus.Succeeded)
+                    {
+                        await RecordProgressAsync(job, run, status, cancellationToken);
+                    }
+
                     return await SucceededAsync(job, status, elapsed, cancellationToken);
                 case JobStates.Failed:
                     await FailAsync(job, FineTuneErrorCodes.TrainerFailed, $"The trainer failed: {status.Error}", elapsed, status, cancellationToken);
@@ -448,24 +478,7 @@ public sealed class FineTuneHandler(
 
         if (status is not null && status.Attempt == submission.Attempt)
         {
-            var previous = run.GetCounts().GetValueOrDefault("fineTuneEpoch");
-            var updated = await UpdateRunAsync(job, r =>
-            {
-                r.SetStage(Stages.FineTune, RunStatus.Running);
-                r.SetCounts(new Dictionary<string, long>
-                {
-                    ["fineTuneEpoch"] = status.Epoch,
-                    ["fineTuneEpochs"] = status.Epochs,
-                    ["fineTuneStep"] = status.Step,
-                    ["fineTuneProgressPercent"] = (long)Math.Round(100 * status.Progress),
-                    ["fineTuneAttempt"] = submission.Attempt,
-                });
-                r.SetMetrics(status.Metrics);
-            }, cancellationToken);
-            if (status.Epoch != previous)
-            {
-                await events.PublishAsync(RunEvents.Types.FineTuneProgress, updated, cancellationToken);
-            }
+            await RecordProgressAsync(job, run, status, cancellationToken);
         }
 
         return null;
