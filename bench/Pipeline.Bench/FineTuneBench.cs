@@ -95,7 +95,31 @@ public static class FineTuneBench
             };
             var (_, second, secondSeconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested.DatasetId!, preparedId, prepared, other), "bench-ft-second");
             Console.WriteLine($"| second job (learning rate {h.LearningRate * 2}): feature cache hit | {(second["featureCacheHit"] == 1 ? "yes" : "no")}, features read in {second["featureSeconds"]:N2} s, whole job {secondSeconds:N1} s, accuracy {second["validationAccuracy"]:P1} |");
+            await ProbeAsync(services, storage, job);
         }
+    }
+
+    /// <summary>The linear-probe ceiling on the same split and the same cached features (<see cref="LinearProbe"/>).</summary>
+    private static async Task ProbeAsync(ServiceProvider services, StorageClients storage, JobSpec job)
+    {
+        var trainer = services.GetRequiredService<JobTrainer>();
+        var prepared = (await BlobJson.ReadAsync(storage.BlobAt(job.PreparedManifest)!, PreprocessJson.Default.PreparedManifest, CancellationToken.None))!;
+        var train = await trainer.ReadSplitAsync(prepared, "train", job.Labels.Count, CancellationToken.None);
+        var validation = await trainer.ReadSplitAsync(prepared, "validation", job.Labels.Count, CancellationToken.None);
+        var models = storage.Container(StorageNames.Containers.Models);
+        var baseManifest = (await BlobJson.ReadAsync(models.GetBlobClient($"{job.BaseModel}/{ModelManifest.FileName}"), ModelJson.Default.ModelManifest, CancellationToken.None))!;
+        var baseModel = Pipeline.Models.Onnx.Proto.ModelProto.Parser.ParseFrom((await models.GetBlobClient($"{job.BaseModel}/{baseManifest.OnnxPath}").DownloadContentAsync()).Value.Content.ToArray());
+        var pooling = Pooling.TryParse(job.Hyperparameters.Pooling) ?? baseManifest.SentencePooling;
+        var features = await new FrozenFeatures(storage, services.GetRequiredService<Microsoft.Extensions.Options.IOptions<Pipeline.Inference.InferenceSettings>>().Value)
+            .GetAsync(job, baseManifest, baseModel, pooling, train.Tokens!, validation.Tokens!, CancellationToken.None);
+        if (job.Labels.Count != 2)
+        {
+            return;
+        }
+
+        var sweep = LinearProbe.Sweep(features.Train, train.Labels, features.Validation, validation.Labels).ToList();
+        var (penalty, accuracy) = sweep.MaxBy(s => s.Accuracy);
+        Console.WriteLine($"| reference: exact L2 logistic regression on the same {pooling} features (Newton to convergence), best of penalties {string.Join(", ", LinearProbe.Penalties)} | {accuracy:P1} (penalty {penalty}; {string.Join(", ", sweep.Select(s => $"{s.Accuracy:P1}"))}) |");
     }
 
     private static async Task<(JobSpec Job, Dictionary<string, double> Metrics, double Seconds)> TrainAsync(ServiceProvider services, StorageClients storage, FineTuneRequest request, string runId)

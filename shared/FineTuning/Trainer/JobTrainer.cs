@@ -324,7 +324,7 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
     public const double MergeTolerance = 2e-3;
 
     /// <summary>A split's labelled records from its shards: <c>{"input_ids":[...],"label":k,...}</c> per line.</summary>
-    private async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)
+    public async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)
     {
         var tokens = new List<int[]>();
         var labels = new List<int>();
