@@ -23,8 +23,9 @@ public sealed class QueueInvocation(StorageClients storage, FailedMessages faile
         {
             await handle(cancellationToken);
         }
-        catch (RunBusyException e)
+        catch (Exception e) when (e is RunBusyException or LeaseLostException)
         {
+            // Busy, or this instance lost the stage's lease mid-way (whoever holds it now carries on): try again later.
             await storage.Queue(queue).SendMessageAsync(message, RunLease.RetryAfter, cancellationToken: cancellationToken);
             logger.LogInformation("Run {RunId} is busy ({Reason}); the {Queue} message waits {Delay}", runId, e.Message, queue, RunLease.RetryAfter);
         }

@@ -60,9 +60,14 @@ public sealed class FineTuneHandler(
         }
 
         var clock = Stopwatch.StartNew();
+        using var work = lease.Link(cancellationToken);
         try
         {
-            await DispatchAsync(request, runId, cancellationToken);
+            await DispatchAsync(request, runId, work.Token);
+        }
+        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            throw new LeaseLostException(lease.Holds, lease.LostReason);
         }
         catch (FineTuneRejectedException e)
         {
@@ -544,8 +549,14 @@ public sealed class FineTuneHandler(
         var runSpec = (await runs.GetAsync(job.RunId, cancellationToken))?.SpecJson is { } specJson ? JsonSerializer.Deserialize(specJson, PipelineJson.Default.RunSpec) : null;
         var infer = FineTuneSpec.From(runSpec?.FineTune).Infer;
         var metrics = model.Manifest.Lineage.Metrics ?? status.Metrics;
-        var run = await runs.UpdateAsync(job.RunId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(job.RunId, r =>
         {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                // Cancelled while the job trained: the model stays registered, the run stays cancelled.
+                return false;
+            }
+
             r.SetStage(Stages.FineTune, RunStatus.Succeeded);
             r.SetMetrics(metrics);
             r.SetCounts(new Dictionary<string, long> { ["fineTuneEpoch"] = status.Epoch, ["fineTuneProgressPercent"] = 100 });
@@ -566,6 +577,11 @@ public sealed class FineTuneHandler(
 
             return true;
         }, cancellationToken);
+        if (!changed)
+        {
+            return JobStates.Succeeded;
+        }
+
         if (infer is not null)
         {
             await sender.SendAsync(StorageNames.Queues.Inference, MessageTypes.Inference, job.RunId, infer with { ModelId = job.OutputModelId },

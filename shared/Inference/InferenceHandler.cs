@@ -43,17 +43,17 @@ public sealed class InferenceHandler(
     public Task HandleAsync(InferenceRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
     {
         var initial = new RunRecord { RunId = runId, Source = request.Input, Stage = Stages.Inference };
-        return RunStageAsync(initial, dequeueCount, () => StartBatchAsync(request, runId, cancellationToken), cancellationToken);
+        return RunStageAsync(initial, dequeueCount, token => StartBatchAsync(request, runId, token), cancellationToken);
     }
 
     /// <summary>Handles a <c>retry-failed</c> command: a new small batch of a finished batch's failed rows.</summary>
     public Task RetryFailedAsync(RetryFailedCommand command, string runId, int dequeueCount, CancellationToken cancellationToken)
     {
         var initial = new RunRecord { RunId = runId, Source = $"batch:{command.BatchId}", Stage = Stages.Inference };
-        return RunStageAsync(initial, dequeueCount, () => StartRetryAsync(command, runId, cancellationToken), cancellationToken);
+        return RunStageAsync(initial, dequeueCount, token => StartRetryAsync(command, runId, token), cancellationToken);
     }
 
-    private async Task RunStageAsync(RunRecord initial, int dequeueCount, Func<Task> work, CancellationToken cancellationToken)
+    private async Task RunStageAsync(RunRecord initial, int dequeueCount, Func<CancellationToken, Task> stage, CancellationToken cancellationToken)
     {
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = initial.RunId });
         await using var lease = await transitions.ClaimAsync(initial, Stages.Inference, dequeueCount, null, cancellationToken);
@@ -64,9 +64,14 @@ public sealed class InferenceHandler(
         }
 
         var clock = Stopwatch.StartNew();
+        using var work = lease.Link(cancellationToken);
         try
         {
-            await work();
+            await stage(work.Token);
+        }
+        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            throw new LeaseLostException(lease.Holds, lease.LostReason);
         }
         catch (RunCancelledException)
         {
@@ -482,6 +487,8 @@ public sealed class InferenceHandler(
         }
 
         await using var lease = await RunLease.AcquireAsync(storage, files.BatchId, AssembleLock, cancellationToken);
+        using var work = lease.Link(cancellationToken);
+        cancellationToken = work.Token;
         if (await files.Manifest.ExistsAsync(cancellationToken))
         {
             return;
@@ -670,7 +677,7 @@ public sealed class InferenceHandler(
     private async Task FinishRunAsync(string runId, BatchFiles files, InferenceManifest manifest, CancellationToken cancellationToken)
     {
         var status = manifest.Failed > 0 ? RunStatus.CompletedWithFailures : RunStatus.Succeeded;
-        var run = await runs.UpdateAsync(runId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
             if (r.Status == RunStatus.Cancelled)
             {
@@ -704,6 +711,9 @@ public sealed class InferenceHandler(
             r.EndedAt = DateTimeOffset.UtcNow;
             return true;
         }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
+        if (changed)
+        {
+            await events.PublishAsync(status == RunStatus.Succeeded ? RunEvents.Types.StageSucceeded : RunEvents.Types.StageCompletedWithFailures, run, cancellationToken);
+        }
     }
 }

@@ -122,10 +122,14 @@ public sealed class IngestHandler(
         }
 
         var clock = Stopwatch.StartNew();
-
+        using var work = lease.Link(cancellationToken);
         try
         {
-            await RunIngestionAsync(request, clock, cancellationToken);
+            await RunIngestionAsync(request, clock, work.Token);
+        }
+        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            throw new LeaseLostException(lease.Holds, lease.LostReason);
         }
         catch (RunCancelledException)
         {
@@ -227,8 +231,14 @@ public sealed class IngestHandler(
             new PreprocessRequest(datasetId, $"{StorageNames.Containers.Datasets}/{datasetId}/manifest.json", spec),
             PipelineJson.Default.PreprocessRequest, cancellationToken: cancellationToken);
 
-        var run = await runs.UpdateAsync(request.RunId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(request.RunId, r =>
         {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                // Cancelled while this delivery ingested: the dataset is kept (content-addressed), the run stays as it is.
+                return false;
+            }
+
             r.DatasetId = datasetId;
             r.Stage = Stages.Preprocess;
             r.SetStage(Stages.Ingest, RunStatus.Succeeded);
@@ -246,6 +256,11 @@ public sealed class IngestHandler(
         if (created)
         {
             await events.PublishAsync(RunEvents.Types.DatasetCreated, run, cancellationToken);
+        }
+
+        if (!changed)
+        {
+            return;
         }
 
         await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);

@@ -26,6 +26,8 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger)
     {
         public const string StageStarted = "pipeline.run.stage.started";
         public const string StageSucceeded = "pipeline.run.stage.succeeded";
+        /// <summary>Batch inference finished with some rows failed (the run's status is <c>completed_with_failures</c>).</summary>
+        public const string StageCompletedWithFailures = "pipeline.run.stage.completed_with_failures";
         public const string RunFailed = "pipeline.run.failed";
         public const string StageRetrying = "pipeline.run.stage.retrying";
         public const string DatasetCreated = "pipeline.dataset.created";

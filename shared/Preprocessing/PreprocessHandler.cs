@@ -40,10 +40,14 @@ public sealed class PreprocessHandler(
         }
 
         var clock = Stopwatch.StartNew();
-
+        using var work = lease.Link(cancellationToken);
         try
         {
-            await PrepareAsync(request, runId, clock, cancellationToken);
+            await PrepareAsync(request, runId, clock, work.Token);
+        }
+        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            throw new LeaseLostException(lease.Holds, lease.LostReason);
         }
         catch (RunCancelledException)
         {
@@ -186,8 +190,14 @@ public sealed class PreprocessHandler(
                 PreprocessJson.Default.FineTuneRequest, cancellationToken: cancellationToken);
         }
 
-        var run = await runs.UpdateAsync(runId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                // Cancelled (or ended by another delivery) while this one prepared: the run stays as it is.
+                return false;
+            }
+
             Record(r);
             if (wantsFineTune)
             {
@@ -202,6 +212,11 @@ public sealed class PreprocessHandler(
 
             return true;
         }, cancellationToken);
+        if (!changed)
+        {
+            return;
+        }
+
         await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
         logger.LogInformation("Prepared {PreparedId}: {Train} train / {Validation} validation records, {Tokens} tokens; report {Report}",
             preparedId, stats.Train.Records, stats.Validation.Records, stats.Train.Tokens + stats.Validation.Tokens, report.Passed ? "passed" : "did not pass");

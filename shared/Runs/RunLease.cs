@@ -14,6 +14,8 @@ public sealed class RunBusyException(string message) : Exception(message);
 /// A renewed blob lease that gives one instance a run's stage at a time, so two deliveries of the same
 /// message (Event Grid and queues deliver at least once) never do the work twice side by side.
 /// The second finds the lease taken, fails transiently, and on its retry finds the stage finished.
+/// A holder that loses its lease (another instance broke it, or renewals failed until it expired) is told
+/// through <see cref="Lost"/>: the work it guards must stop, because someone else may now be doing it.
 /// </summary>
 public sealed class RunLease : IAsyncDisposable
 {
@@ -23,13 +25,24 @@ public sealed class RunLease : IAsyncDisposable
     public static readonly TimeSpan RetryAfter = TimeSpan.FromSeconds(20);
     private readonly BlobLeaseClient _lease;
     private readonly CancellationTokenSource _stop = new();
+    private readonly CancellationTokenSource _lost = new();
     private readonly Task _renewal;
 
-    private RunLease(BlobLeaseClient lease)
+    private RunLease(BlobLeaseClient lease, string holds)
     {
         _lease = lease;
+        Holds = holds;
         _renewal = RenewAsync();
     }
+
+    /// <summary>What the lease guards (<c>run.stage</c>), for messages.</summary>
+    public string Holds { get; }
+
+    /// <summary>Cancelled when the lease is lost; link it with the work's own token.</summary>
+    public CancellationToken Lost => _lost.Token;
+
+    /// <summary>The reason the lease was lost, once <see cref="Lost"/> is cancelled.</summary>
+    public string? LostReason { get; private set; }
 
     public static async Task<RunLease> AcquireAsync(StorageClients storage, string runId, string stage, CancellationToken cancellationToken)
     {
@@ -53,7 +66,7 @@ public sealed class RunLease : IAsyncDisposable
             throw new RunBusyException($"Run {runId} is being processed ({stage}) by another instance; this delivery will be retried.");
         }
 
-        return new RunLease(lease);
+        return new RunLease(lease, $"{runId}.{stage}");
     }
 
     /// <summary>Ends whoever holds the lease now (a holder declared dead), so the next claimant does not wait for it to expire.</summary>
@@ -69,33 +82,75 @@ public sealed class RunLease : IAsyncDisposable
         }
     }
 
+    /// <summary>A token for the guarded work: cancelled when <paramref name="cancellationToken"/> is, or when the lease is lost.</summary>
+    public CancellationTokenSource Link(CancellationToken cancellationToken) => CancellationTokenSource.CreateLinkedTokenSource(cancellationToken, _lost.Token);
+
+    /// <summary>Throws <see cref="LeaseLostException"/> when the lease is lost (call it where the work stops on cancellation).</summary>
+    public void ThrowIfLost()
+    {
+        if (_lost.IsCancellationRequested)
+        {
+            throw new LeaseLostException(Holds, LostReason);
+        }
+    }
+
     private async Task RenewAsync()
     {
-        try
+        var renewed = DateTimeOffset.UtcNow;
+        while (!_stop.IsCancellationRequested)
         {
-            while (true)
+            try
             {
                 await Task.Delay(Duration / 3, _stop.Token);
                 await _lease.RenewAsync(cancellationToken: _stop.Token);
+                renewed = DateTimeOffset.UtcNow;
+            }
+            catch (OperationCanceledException) when (_stop.IsCancellationRequested)
+            {
+                return;
+            }
+            catch (RequestFailedException e) when (e.Status is 409 or 412 or 404)
+            {
+                // The lease was broken or taken over (or its blob is gone): someone else may hold the stage now.
+                await LoseAsync($"the lease could not be renewed ({e.Status} {e.ErrorCode})");
+                return;
+            }
+            catch (Exception e) when (e is RequestFailedException or HttpRequestException or IOException or TimeoutException or OperationCanceledException)
+            {
+                // A transient storage failure: keep trying while the lease may still be ours.
+                if (DateTimeOffset.UtcNow - renewed >= Duration)
+                {
+                    await LoseAsync($"renewals failed for {Duration.TotalSeconds:N0} s, so the lease expired ({e.GetType().Name}: {e.Message})");
+                    return;
+                }
             }
         }
-        catch (Exception e) when (e is OperationCanceledException or RequestFailedException)
-        {
-        }
+    }
+
+    private Task LoseAsync(string reason)
+    {
+        LostReason = reason;
+        return _lost.CancelAsync();
     }
 
     public async ValueTask DisposeAsync()
     {
         await _stop.CancelAsync();
         await _renewal;
-        try
+        if (!_lost.IsCancellationRequested)
         {
-            await _lease.ReleaseAsync();
-        }
-        catch (RequestFailedException)
-        {
+            try
+            {
+                await _lease.ReleaseAsync();
+            }
+            catch (RequestFailedException)
+            {
+            }
         }
 
         _stop.Dispose();
     }
 }
+
+/// <summary>The instance lost the lease on work it was doing: it stopped, and the message is retried (whoever holds the lease now finishes the work).</summary>
+public sealed class LeaseLostException(string holds, string? reason) : Exception($"The lease on {holds} was lost ({reason ?? "no reason recorded"}); this instance stopped its work.");

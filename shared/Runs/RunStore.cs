@@ -36,15 +36,28 @@ public sealed class RunStore(StorageClients storage)
     /// <summary>
     /// Applies <paramref name="mutate"/> to the latest version of the run and saves it, retrying on
     /// concurrent changes. <paramref name="mutate"/> returns false to leave the run unchanged.
+    /// A cancelled run stays cancelled: a change that would move it out of <c>cancelled</c> is not saved, and the
+    /// save is conditional on the version read (ETag), so a cancel that lands between the read and the write
+    /// makes the write fail, the run is read again and the change is refused on that version.
     /// </summary>
-    public async Task<RunRecord> UpdateAsync(string runId, Func<RunRecord, bool> mutate, CancellationToken cancellationToken = default)
+    public async Task<RunRecord> UpdateAsync(string runId, Func<RunRecord, bool> mutate, CancellationToken cancellationToken = default) =>
+        (await TryUpdateAsync(runId, mutate, cancellationToken)).Run;
+
+    /// <summary>As <see cref="UpdateAsync"/>, and says whether the run was changed (then publish its event; else don't).</summary>
+    public async Task<(RunRecord Run, bool Changed)> TryUpdateAsync(string runId, Func<RunRecord, bool> mutate, CancellationToken cancellationToken = default)
     {
         for (var attempt = 0; ; attempt++)
         {
             var run = await GetAsync(runId, cancellationToken) ?? throw new InvalidOperationException($"Run {runId} does not exist.");
+            var wasCancelled = run.Status == RunStatus.Cancelled;
             if (!mutate(run))
             {
-                return run;
+                return (run, false);
+            }
+
+            if (wasCancelled && run.Status != RunStatus.Cancelled)
+            {
+                return (await GetAsync(runId, cancellationToken) ?? run, false);
             }
 
             run.UpdatedAt = DateTimeOffset.UtcNow;
@@ -52,7 +65,7 @@ public sealed class RunStore(StorageClients storage)
             {
                 var response = await _table.UpdateEntityAsync(run, run.ETag, TableUpdateMode.Replace, cancellationToken);
                 run.ETag = response.Headers.ETag ?? default;
-                return run;
+                return (run, true);
             }
             catch (RequestFailedException e) when (e.Status == 412 && attempt < 20)
             {
@@ -67,15 +80,34 @@ public sealed class RunStore(StorageClients storage)
         return storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken) : null;
     }
 
+    /// <summary>
+    /// The newest <paramref name="max"/> runs (optionally of one status), newest first. The table is read a page at
+    /// a time and only the newest <paramref name="max"/> are kept, so memory stays bounded by <paramref name="max"/>
+    /// however many runs the account holds.
+    /// </summary>
     public async Task<List<RunRecord>> ListAsync(string? status = null, int max = 1000, CancellationToken cancellationToken = default)
     {
         var filter = status is null ? null : TableClient.CreateQueryFilter($"Status eq {status}");
-        var runs = new List<RunRecord>();
-        await foreach (var run in _table.QueryAsync<RunRecord>(filter, cancellationToken: cancellationToken))
+        var newest = new PriorityQueue<RunRecord, DateTimeOffset>(max + 1);
+        await foreach (var run in _table.QueryAsync<RunRecord>(filter, maxPerPage: ListPageSize, cancellationToken: cancellationToken))
+        {
+            newest.Enqueue(run, run.CreatedAt);
+            if (newest.Count > max)
+            {
+                newest.Dequeue();
+            }
+        }
+
+        var runs = new List<RunRecord>(newest.Count);
+        while (newest.TryDequeue(out var run, out _))
         {
             runs.Add(run);
         }
 
-        return [.. runs.OrderByDescending(r => r.CreatedAt).Take(max)];
+        runs.Reverse();
+        return runs;
     }
+
+    /// <summary>How many runs one table query page returns.</summary>
+    public const int ListPageSize = 500;
 }

@@ -45,7 +45,7 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// <summary>The stage starts (or restarts on a redelivery).</summary>
     public async Task<RunRecord> StartAsync(string runId, string stage, int attempt, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
-        var run = await runs.UpdateAsync(runId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
             if (IsDone(r, stage))
             {
@@ -61,7 +61,11 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             also?.Invoke(r);
             return true;
         }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+        if (changed)
+        {
+            await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
+        }
+
         return run;
     }
 
@@ -77,11 +81,19 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
         await events.PublishAsync(RunEvents.Types.StageRetrying, run, CancellationToken.None);
     }
 
-    /// <summary>A permanent failure: the run ends with a user-facing reason and a machine-readable code.</summary>
+    /// <summary>
+    /// A permanent failure: the run ends with a user-facing reason and a machine-readable code. A run that has
+    /// ended already (cancelled, or finished by another delivery) is left as it is, and no event is sent.
+    /// </summary>
     public async Task<RunRecord> FailAsync(string runId, string stage, string code, string message, TimeSpan elapsed, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
-        var run = await runs.UpdateAsync(runId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
             r.Status = RunStatus.Failed;
             r.Stage = stage;
             r.SetStage(stage, RunStatus.Failed);
@@ -92,7 +104,11 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             also?.Invoke(r);
             return true;
         }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
+        if (changed)
+        {
+            await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
+        }
+
         return run;
     }
 
@@ -107,15 +123,13 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             return null;
         }
 
-        var changed = false;
-        var run = await runs.UpdateAsync(runId, r =>
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
             if (RunStatus.IsFinal(r.Status))
             {
                 return false;
             }
 
-            changed = true;
             r.Status = RunStatus.Cancelled;
             r.SetStage(r.Stage, RunStatus.Cancelled);
             r.Error = reason is null ? "Cancelled." : $"Cancelled: {reason}";
