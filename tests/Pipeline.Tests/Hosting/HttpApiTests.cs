@@ -113,10 +113,14 @@ public sealed class HttpApiTests : IAsyncLifetime
         var cancelled = await _http.PostAsync($"/api/runs/{runId}/cancel?reason=changed%20my%20mind", null);
         Assert.Equal(HttpStatusCode.Accepted, cancelled.StatusCode);
 
-        // Its event arrives afterwards: acknowledged, nothing ingested.
-        var message = await _pipeline.DropAsync("cancel/me.jsonl", "{\"text\":\"a\"}\n");
-        await _pipeline.Storage.Queue(StorageNames.Queues.BlobCreated).SendMessageAsync(message);
-        await Task.Delay(3000);
+        // Its event (for that very blob version, so for this run) arrives afterwards: acknowledged, nothing ingested.
+        var item = await _pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, "cancel/me.jsonl", default).FirstAsync();
+        var message = Pipeline.LocalHost.Triggers.BlobCreatedWatcher.EventFor(_pipeline.Storage.Container(StorageNames.Containers.Incoming), item);
+        Assert.Equal(runId, FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, message));
+        var queue = _pipeline.Storage.Queue(StorageNames.Queues.BlobCreated);
+        await queue.SendMessageAsync(message);
+        // Counted with the invisible ones: zero once the host has taken the message and acknowledged it.
+        await Eventually.ReturnsAsync(async () => (await queue.GetPropertiesAsync()).Value.ApproximateMessagesCount == 0 ? "" : null, TimeSpan.FromSeconds(60), "the blob-created message to be acknowledged");
         var run = (await _pipeline.Runs.GetAsync(runId))!;
         Assert.Equal(RunStatus.Cancelled, run.Status);
         Assert.Equal("Cancelled: changed my mind", run.Error);

@@ -173,7 +173,7 @@ public sealed class LocalHostTests : IAsyncLifetime
         first.Dispose();
 
         var interrupted = (await _pipeline.Runs.GetAsync(runId))!;
-        Assert.NotEqual(RunStatus.Succeeded, interrupted.GetStages()[Stages.Ingest]);
+        Assert.True(interrupted.GetStages()[Stages.Ingest] != RunStatus.Succeeded, $"the killed host finished the stage\n{output}");
         Assert.Null(await _pipeline.ManifestAsync(datasetId));
 
         using var second = new LocalHostProcess(_azurite.ConnectionString, fast);
@@ -181,7 +181,6 @@ public sealed class LocalHostTests : IAsyncLifetime
         Assert.Equal(datasetId, run.DatasetId);
         var manifest = (await _pipeline.ManifestAsync(datasetId))!;
         Assert.Equal(text.Count(c => c == '\n'), manifest.Counts.Valid);
-        Assert.True(output.Length > 0);
     }
 
     [Fact]
