@@ -31,6 +31,12 @@ public sealed record InferenceSettings
     public double MaxPaddingFraction { get; set; } = 0.1;
     /// <summary>Rows tokenized and length-sorted together while the previous chunk runs. Default 2,048.</summary>
     public int ChunkRows { get; set; } = 2048;
+    /// <summary>Loaded models kept per process; past it the least recently used leaves. Default 4.</summary>
+    public int MaxCachedModels { get; set; } = 4;
+    /// <summary>Total ONNX size of the loaded models kept per process, in MB; past it the least recently used leave. Default 2,048.</summary>
+    public int MaxCachedModelMegabytes { get; set; } = 2048;
+    /// <summary>A loaded model unused this long leaves the cache. Default 30 minutes.</summary>
+    public TimeSpan ModelIdleTimeout { get; set; } = TimeSpan.FromMinutes(30);
 }
 
 /// <summary>
@@ -53,6 +59,10 @@ public sealed class ModelRuntime : IDisposable
 
     public ModelManifest Manifest { get; }
     public InferenceSession Session { get; }
+    /// <summary>The ONNX file's size: what the session cache counts against its budget.</summary>
+    public long ModelBytes { get; init; }
+    /// <summary>When a stage last asked for this model (for the cache's least-recently-used and idle eviction).</summary>
+    public DateTimeOffset LastUsed { get; internal set; } = DateTimeOffset.UtcNow;
     /// <summary>The provider the session runs on: <c>CPUExecutionProvider</c> or <c>CUDAExecutionProvider</c> (with the fallback reason, if any).</summary>
     public string ExecutionProvider { get; }
     public int Padding { get; }
@@ -71,7 +81,12 @@ public sealed class ModelRuntime : IDisposable
     }
 }
 
-/// <summary>One cached <see cref="ModelRuntime"/> per model and process, built on first use.</summary>
+/// <summary>
+/// One cached <see cref="ModelRuntime"/> per model and process, built on first use. The cache is bounded: by
+/// count (<see cref="InferenceSettings.MaxCachedModels"/>), by ONNX size (<see cref="InferenceSettings.MaxCachedModelMegabytes"/>)
+/// and by idleness (<see cref="InferenceSettings.ModelIdleTimeout"/>); a model that leaves is retired as a replaced
+/// version is (calls already holding it finish), and loaded again when asked for.
+/// </summary>
 public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSettings> settings, ILogger<ModelSessions> logger) : IDisposable
 {
     private readonly ConcurrentDictionary<string, Lazy<Task<ModelRuntime>>> _models = new();
@@ -97,6 +112,8 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
         try
         {
             var runtime = await lazy.Value.WaitAsync(cancellationToken);
+            runtime.LastUsed = DateTimeOffset.UtcNow;
+            Evict(key);
             foreach (var stale in _models.Keys.Where(k => k.StartsWith(modelId + "@", StringComparison.Ordinal) && k != key))
             {
                 // Sessions of an older version leave the cache; shards still scoring on them finish, then they are disposed.
@@ -113,6 +130,35 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
             // Do not cache a failure: the model may be uploaded or fixed later.
             _models.TryRemove(new KeyValuePair<string, Lazy<Task<ModelRuntime>>>(key, lazy));
             throw;
+        }
+    }
+
+    /// <summary>Number of models loaded and kept now (what the bounds apply to).</summary>
+    public int Count => _models.Count;
+
+    /// <summary>Whether the model's current load is cached (loaded and kept) in this process.</summary>
+    public bool IsCached(string modelId) => _models.Keys.Any(k => k.StartsWith(modelId + "@", StringComparison.Ordinal));
+
+    /// <summary>Retires idle models, then the least recently used until the count and size bounds hold; never <paramref name="keep"/>.</summary>
+    private void Evict(string keep)
+    {
+        var limits = settings.Value;
+        var loaded = _models.Where(m => m.Key != keep && m.Value.IsValueCreated && m.Value.Value.IsCompletedSuccessfully)
+            .Select(m => (m.Key, Runtime: m.Value.Value.Result)).OrderBy(m => m.Runtime.LastUsed).ToList();
+        var now = DateTimeOffset.UtcNow;
+        var count = _models.Count;
+        var bytes = _models.Values.Where(m => m.IsValueCreated && m.Value.IsCompletedSuccessfully).Sum(m => m.Value.Result.ModelBytes);
+        foreach (var (key, runtime) in loaded)
+        {
+            var idle = now - runtime.LastUsed >= limits.ModelIdleTimeout;
+            var over = count > Math.Max(1, limits.MaxCachedModels) || bytes > (long)limits.MaxCachedModelMegabytes * 1024 * 1024;
+            if ((idle || over) && _models.TryRemove(key, out var removed))
+            {
+                logger.LogInformation("Model {Key} leaves the session cache ({Why})", key, idle ? $"unused for {limits.ModelIdleTimeout}" : "the cache is full");
+                count--;
+                bytes -= runtime.ModelBytes;
+                _ = RetireAsync(removed.Value);
+            }
         }
     }
 
@@ -255,7 +301,7 @@ public sealed class ModelSessions(StorageClients storage, IOptions<InferenceSett
         }
 
         logger.LogInformation("Loaded model {ModelId} ({Task}, output {Output}) on {Provider}", modelId, manifest.Task, manifest.Output, provider);
-        return new ModelRuntime(manifest, session, tokenizer, provider);
+        return new ModelRuntime(manifest, session, tokenizer, provider) { ModelBytes = onnx.Length };
     }
 
     /// <summary>The tokenizer must not produce ids past the model's embedding table.</summary>
