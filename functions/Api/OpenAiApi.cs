@@ -1,6 +1,7 @@
 using System.Text.Json;
 using System.Text.Json.Serialization.Metadata;
 using Microsoft.AspNetCore.Http;
+using Microsoft.AspNetCore.Http.Features;
 using Microsoft.AspNetCore.WebUtilities;
 using Microsoft.Net.Http.Headers;
 using Pipeline.Inference;
@@ -22,7 +23,14 @@ public static class OpenAiApi
             throw new OpenAiApiException(400, "invalid_content_type", "Upload files as multipart/form-data with the fields file and purpose=batch.");
         }
 
-        var reader = new MultipartReader(boundary, request.Body);
+        // Batch files run to hundreds of megabytes (OpenAI takes 200 MB): past the server's default 30 MB body
+        // limit, which holds nothing in memory anyway; the sections stream on to blob storage.
+        if (request.HttpContext.Features.Get<IHttpMaxRequestBodySizeFeature>() is { IsReadOnly: false } limit)
+        {
+            limit.MaxRequestBodySize = null;
+        }
+
+        var reader = new MultipartReader(boundary, request.Body) { BodyLengthLimit = null };
         string? purpose = null, id = null, filename = null;
         while (await reader.ReadNextSectionAsync(ct) is { } section)
         {

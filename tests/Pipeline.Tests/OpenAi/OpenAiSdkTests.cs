@@ -262,6 +262,25 @@ public sealed class OpenAiSdkTests(OpenAiHost fixture) : IClassFixture<OpenAiHos
     }
 
     [Fact]
+    public async Task A_file_larger_than_the_servers_default_body_limit_streams_to_storage_intact()
+    {
+        // 40 MB of requests: past ASP.NET Core's default 30 MB request body limit.
+        var line = Encoding.UTF8.GetBytes(Embedding("big-000000", new string('x', 180)) + "\n");
+        var content = new byte[40 * 1024 * 1024 / line.Length * line.Length];
+        for (var offset = 0; offset < content.Length; offset += line.Length)
+        {
+            line.CopyTo(content, offset);
+        }
+
+        var file = (await _files.UploadFileAsync(new MemoryStream(content), "big.jsonl", FileUploadPurpose.Batch)).Value;
+
+        Assert.Equal(content.Length, file.SizeInBytes);
+        var stored = (await _files.DownloadFileAsync(file.Id)).Value.ToArray();
+        Assert.Equal(System.Security.Cryptography.SHA256.HashData(content), System.Security.Cryptography.SHA256.HashData(stored));
+        Assert.True((await _files.DeleteFileAsync(file.Id)).Value.Deleted);
+    }
+
+    [Fact]
     public async Task Batches_are_listed_newest_first_in_pages()
     {
         var fileId = await UploadAsync([Embedding("p", "Paged.")]);
