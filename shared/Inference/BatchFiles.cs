@@ -13,7 +13,8 @@ namespace Pipeline.Inference;
 /// The layout of <c>outputs/&lt;batchId&gt;/</c> and the JSON Lines it holds:
 /// <c>batch.json</c> (written before any shard), <c>shards/NNNNN/{input,results,errors,ledger}.jsonl</c>,
 /// <c>done/NNNNN.json</c> (a shard's commit), <c>plan.json</c> (once the input is split), and the
-/// assembled <c>results.jsonl</c>, <c>errors.jsonl</c>, <c>ledger.jsonl</c> with <c>manifest.json</c> last.
+/// assembled <c>results.jsonl</c>, <c>errors.jsonl</c>, <c>ledger.jsonl</c> (and, for an input in OpenAI's batch
+/// format, <c>openai/output.jsonl</c> and <c>openai/errors.jsonl</c>) with <c>manifest.json</c> last.
 /// </summary>
 public sealed class BatchFiles(StorageClients storage, string batchId)
 {
@@ -30,11 +31,16 @@ public sealed class BatchFiles(StorageClients storage, string batchId)
     public BlobClient Results => Blob("results.jsonl");
     public BlobClient Errors => Blob("errors.jsonl");
     public BlobClient Ledger => Blob("ledger.jsonl");
+    /// <summary>OpenAI's batch output and error files, for an input in that format.</summary>
+    public BlobClient OpenAiOutput => Blob("openai/output.jsonl");
+    public BlobClient OpenAiErrors => Blob("openai/errors.jsonl");
 
     public BlobClient ShardInput(int shard) => Blob($"shards/{shard:D5}/input.jsonl");
     public BlobClient ShardResults(int shard) => Blob($"shards/{shard:D5}/results.jsonl");
     public BlobClient ShardErrors(int shard) => Blob($"shards/{shard:D5}/errors.jsonl");
     public BlobClient ShardLedger(int shard) => Blob($"shards/{shard:D5}/ledger.jsonl");
+    public BlobClient ShardOpenAiOutput(int shard) => Blob($"shards/{shard:D5}/openai-output.jsonl");
+    public BlobClient ShardOpenAiErrors(int shard) => Blob($"shards/{shard:D5}/openai-errors.jsonl");
     public BlobClient Done(int shard) => Blob($"done/{shard:D5}.json");
 
     public string PathOf(BlobClient blob) => $"{StorageNames.Containers.Outputs}/{blob.Name}";
@@ -173,9 +179,14 @@ public sealed class BatchLineWriter
 
     public BinaryData ToBinaryData() => new(_buffer.WrittenMemory.ToArray());
 
-    public void Result(ShardInputRow row, float[] values, ModelManifest model)
+    public void Result(ShardInputRow row, float[] values, ModelManifest model, int? tokens = null)
     {
         Start(row);
+        if (tokens is { } count)
+        {
+            _json.WriteNumber("tokens", count);
+        }
+
         if (model.Task == ModelTasks.Classification)
         {
             var best = 0;
@@ -258,7 +269,7 @@ public sealed class BatchLineWriter
         _buffer.Write("\n"u8);
     }
 
-    private static string LabelName(ModelManifest model, int index) => index < model.Labels.Count ? model.Labels[index] : index.ToString(System.Globalization.CultureInfo.InvariantCulture);
+    internal static string LabelName(ModelManifest model, int index) => index < model.Labels.Count ? model.Labels[index] : index.ToString(System.Globalization.CultureInfo.InvariantCulture);
 }
 
 /// <summary>Finished batches: every committed <c>outputs/&lt;batchId&gt;/manifest.json</c>, newest first.</summary>

@@ -5,8 +5,8 @@ using Pipeline.Models;
 
 namespace Pipeline.Inference;
 
-/// <summary>A row's prediction (probabilities or embedding), or why it has none.</summary>
-public readonly record struct ScoredRow(float[]? Values, string? Code, string? Error);
+/// <summary>A row's prediction (probabilities or embedding) and the tokens it took, or why it has none.</summary>
+public readonly record struct ScoredRow(float[]? Values, string? Code, string? Error, int Tokens = 0);
 
 /// <summary>What scoring a list of rows cost.</summary>
 public sealed record ScoreStats(long Tokens, long Slots, int Batches, double TokenizeMs, double InferenceMs);
@@ -220,7 +220,7 @@ public sealed class BatchScorer(ModelRuntime model, InferenceSettings settings, 
                 var index = rows[start + r].Index;
                 var vector = Extract(data, dims, r, rows[start + r].Ids.Length);
                 outputs[index] = vector.All(float.IsFinite)
-                    ? new ScoredRow(vector, null, null)
+                    ? new ScoredRow(vector, null, null, rows[start + r].Ids.Length)
                     : new ScoredRow(null, RowErrorCodes.ModelError, "The model produced a value that is not a finite number (NaN or infinity) for this row.");
             }
         }

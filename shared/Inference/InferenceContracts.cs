@@ -75,6 +75,8 @@ public sealed record BatchPlan
     public long Rows { get; init; }
     /// <summary>For a <c>retry-failed</c> batch: the batch whose results it merges into.</summary>
     public string? RetryOf { get; init; }
+    /// <summary>Requests, when the input is in OpenAI's batch format (its output is then written in that format too).</summary>
+    public long? OpenAiRequests { get; init; }
     public required DateTimeOffset CreatedAt { get; init; }
 }
 
@@ -90,6 +92,8 @@ public sealed record ShardInputRow
     public string? Error { get; init; }
     /// <summary>Attempts the row had before this batch (a retry carries them over).</summary>
     public int PriorAttempts { get; init; }
+    /// <summary>The request the row belongs to, when the input is in OpenAI's batch format.</summary>
+    public OpenAiRequestItem? OpenAi { get; init; }
 }
 
 /// <summary><c>shards/NNNNN/done.json</c>: written last for a shard; its presence means the shard is finished.</summary>
@@ -111,6 +115,9 @@ public sealed record ShardOutcome
     public required int Attempt { get; init; }
     public Dictionary<string, long> ErrorCodes { get; init; } = [];
     public Dictionary<string, string> ErrorSamples { get; init; } = [];
+    /// <summary>OpenAI-format requests of the shard, and how many have a failed item.</summary>
+    public int? OpenAiRequests { get; init; }
+    public int? OpenAiFailed { get; init; }
     public required DateTimeOffset FinishedAt { get; init; }
 }
 
@@ -153,6 +160,11 @@ public sealed record InferenceManifest
     public required string Ledger { get; init; }
     /// <summary>The <c>retry-failed</c> batches merged into this one, oldest first.</summary>
     public List<string> Retries { get; init; } = [];
+    /// <summary>For an input in OpenAI's batch format: its requests, how many failed, and the output and error files in that format.</summary>
+    public long? OpenAiRequests { get; init; }
+    public long? OpenAiFailed { get; init; }
+    public string? OpenAiOutput { get; init; }
+    public string? OpenAiErrors { get; init; }
     public required DateTimeOffset StartedAt { get; init; }
     public required DateTimeOffset CreatedAt { get; init; }
 }
@@ -170,6 +182,7 @@ public static class InferenceErrorCodes
     public const string BatchNotFound = "BatchNotFound";
     public const string NothingToRetry = "NothingToRetry";
     public const string ModelChanged = "ModelChanged";
+    public const string DuplicateCustomId = "DuplicateCustomId";
 }
 
 /// <summary>Row-level error codes in <c>errors.jsonl</c> (besides ingestion's parse codes).</summary>

@@ -7,6 +7,7 @@ using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Pipeline.Ingestion;
 using Pipeline.Messaging;
+using Pipeline.Models;
 using Pipeline.Runs;
 using Pipeline.Storage;
 
@@ -257,7 +258,7 @@ public sealed class InferenceHandler(
         var rowsPerShard = batch.Options.RowsPerShard!.Value;
         var shards = new List<ShardPlan>();
         var buffer = new System.Buffers.ArrayBufferWriter<byte>(1 << 20);
-        long total = 0, first = 0;
+        long total = 0, first = 0, requests = 0;
         var count = 0;
 
         async Task FlushAsync()
@@ -290,7 +291,9 @@ public sealed class InferenceHandler(
             buffer.Write("\n"u8);
             count++;
             total++;
-            if (count == rowsPerShard)
+            requests += row.OpenAi is { Item: 0 } ? 1 : 0;
+            // A request of OpenAI's batch format is answered in one line: its items never straddle two shards.
+            if (count >= rowsPerShard && row.OpenAi is not { IsLast: false })
             {
                 await FlushAsync();
             }
@@ -306,10 +309,12 @@ public sealed class InferenceHandler(
             throw new InferenceRejectedException(InferenceErrorCodes.EmptyInput, $"{batch.Input} has no rows to score. Upload a file with at least one row (JSONL objects with a text field, or CSV/TSV with a header and rows).");
         }
 
-        await BlobJson.WriteAsync(files.Plan, batch with { Shards = shards, Rows = total }, InferenceJson.Default.BatchPlan, cancellationToken);
+        await BlobJson.WriteAsync(files.Plan, batch with { Shards = shards, Rows = total, OpenAiRequests = requests > 0 ? requests : null }, InferenceJson.Default.BatchPlan, cancellationToken);
         await runs.UpdateAsync(batch.RunId, r =>
         {
-            r.SetCounts(new Dictionary<string, long> { ["inferenceRows"] = total, ["inferenceShards"] = shards.Count });
+            r.SetCounts(requests > 0
+                ? new Dictionary<string, long> { ["inferenceRows"] = total, ["inferenceShards"] = shards.Count, ["openAiRequests"] = requests }
+                : new Dictionary<string, long> { ["inferenceRows"] = total, ["inferenceShards"] = shards.Count });
             return true;
         }, cancellationToken);
         logger.LogInformation("Batch {BatchId}: {Rows} rows in {Shards} shards", batch.BatchId, total, shards.Count);
@@ -367,8 +372,18 @@ public sealed class InferenceHandler(
                 $"Model '{batch.ModelId}' was registered again (version {model.Manifest.CreatedAt:O}) while batch {batch.BatchId} (version {version:O}) was being scored; its rows are not mixed across versions. Send the command again: the new version gets a new batch.");
         }
 
+        // Requests of OpenAI's batch format that this model cannot answer fail before scoring.
+        for (var i = 0; i < rows.Count; i++)
+        {
+            if (rows[i] is { Code: null, OpenAi: { } request } && OpenAiBatchFormat.Refusal(request, model.Manifest) is var (refusedCode, refusal))
+            {
+                rows[i] = rows[i] with { Code = refusedCode, Error = refusal };
+            }
+        }
+
         var scorer = new BatchScorer(model, models.Settings, batch.Options.MaxTokensPerBatch!.Value, batch.Options.Normalize ?? model.Manifest.Normalize);
         var (scored, stats) = await scorer.ScoreAsync([.. rows.Select(r => r.Code is null ? r.Text : null)], cancellationToken);
+        var openAi = rows.Count > 0 && rows[0].OpenAi is not null ? new OpenAiBatchFormat.RowOutcome[rows.Count] : null;
 
         var results = new BatchLineWriter();
         var errors = new BatchLineWriter();
@@ -380,16 +395,23 @@ public sealed class InferenceHandler(
         {
             var row = rows[i];
             var attempts = row.PriorAttempts + attempt;
-            if (scored[i].Values is { } values)
+            if (scored[i].Values is { } values && row.OpenAi is { } asked && OpenAiBatchFormat.Mismatch(asked, values.Length) is var (mismatchCode, mismatch))
             {
-                results.Result(row, values, model.Manifest);
+                scored[i] = new ScoredRow(null, mismatchCode, mismatch);
+            }
+
+            if (scored[i].Values is { } scoredValues)
+            {
+                results.Result(row, scoredValues, model.Manifest, row.OpenAi is null ? null : scored[i].Tokens);
                 ledger.LedgerEntry(row, true, attempts, null, null);
+                openAi?[i] = new OpenAiBatchFormat.RowOutcome(scoredValues, scored[i].Tokens, null, null);
                 succeeded++;
                 continue;
             }
 
             var code = row.Code ?? scored[i].Code ?? RowErrorCodes.ModelError;
             var error = row.Error ?? scored[i].Error ?? "The row produced no output.";
+            openAi?[i] = new OpenAiBatchFormat.RowOutcome(null, 0, code, error);
             errors.Error(row, code, error);
             ledger.LedgerEntry(row, false, attempts, code, error);
             codes[code] = codes.GetValueOrDefault(code) + 1;
@@ -399,6 +421,7 @@ public sealed class InferenceHandler(
         await files.ShardResults(shard).UploadAsync(results.ToBinaryData(), overwrite: true, cancellationToken);
         await files.ShardErrors(shard).UploadAsync(errors.ToBinaryData(), overwrite: true, cancellationToken);
         await files.ShardLedger(shard).UploadAsync(ledger.ToBinaryData(), overwrite: true, cancellationToken);
+        var (requests, failedRequests) = openAi is null ? (null, null) : await WriteOpenAiShardAsync(files, shard, rows, openAi, model.Manifest, cancellationToken);
         var outcome = new ShardOutcome
         {
             Shard = shard,
@@ -415,11 +438,22 @@ public sealed class InferenceHandler(
             Attempt = attempt,
             ErrorCodes = codes,
             ErrorSamples = samples,
+            OpenAiRequests = requests,
+            OpenAiFailed = failedRequests,
             FinishedAt = DateTimeOffset.UtcNow,
         };
         await WriteDoneAsync(files, outcome, cancellationToken);
         logger.LogInformation("Shard {Shard} of {BatchId}: {Rows} rows ({Failed} failed), {Tokens} tokens, padding {Padding:P1}, model {ModelMs} ms",
             shard, batch.BatchId, rows.Count, outcome.Failed, stats.Tokens, Padding(stats.Tokens, stats.Slots), outcome.InferenceMs);
+    }
+
+    /// <summary>A shard's lines in OpenAI's batch output format, written beside its own results before its done marker.</summary>
+    private static async Task<(int?, int?)> WriteOpenAiShardAsync(BatchFiles files, int shard, IReadOnlyList<ShardInputRow> rows, IReadOnlyList<OpenAiBatchFormat.RowOutcome> outcomes, ModelManifest model, CancellationToken cancellationToken)
+    {
+        var (output, errors, requests, failed) = OpenAiBatchFormat.WriteShard(files.BatchId, rows, outcomes, model);
+        await files.ShardOpenAiOutput(shard).UploadAsync(output, overwrite: true, cancellationToken);
+        await files.ShardOpenAiErrors(shard).UploadAsync(errors, overwrite: true, cancellationToken);
+        return (requests, failed);
     }
 
     private static Task WriteDoneAsync(BatchFiles files, ShardOutcome outcome, CancellationToken cancellationToken) =>
@@ -519,6 +553,11 @@ public sealed class InferenceHandler(
         await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardResults), files.Results, cancellationToken);
         await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardErrors), files.Errors, cancellationToken);
         await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardLedger), files.Ledger, cancellationToken);
+        if (plan.OpenAiRequests is not null)
+        {
+            await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardOpenAiOutput), files.OpenAiOutput, cancellationToken);
+            await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardOpenAiErrors), files.OpenAiErrors, cancellationToken);
+        }
 
         var model = await models.GetAsync(plan.ModelId, cancellationToken);
         var codes = new Dictionary<string, long>();
@@ -565,6 +604,10 @@ public sealed class InferenceHandler(
             Errors = files.PathOf(files.Errors),
             Ledger = files.PathOf(files.Ledger),
             Retries = retries,
+            OpenAiRequests = plan.OpenAiRequests is null ? null : outcomes.Sum(o => (long)(o.OpenAiRequests ?? 0)),
+            OpenAiFailed = plan.OpenAiRequests is null ? null : outcomes.Sum(o => (long)(o.OpenAiFailed ?? 0)),
+            OpenAiOutput = plan.OpenAiRequests is null ? null : files.PathOf(files.OpenAiOutput),
+            OpenAiErrors = plan.OpenAiRequests is null ? null : files.PathOf(files.OpenAiErrors),
             StartedAt = plan.CreatedAt,
             CreatedAt = DateTimeOffset.UtcNow,
         };
@@ -629,6 +672,14 @@ public sealed class InferenceHandler(
             await original.ShardResults(shard.Shard).UploadAsync(Lines(results.Values), overwrite: true, cancellationToken);
             await original.ShardErrors(shard.Shard).UploadAsync(Lines(errors.Values), overwrite: true, cancellationToken);
             await original.ShardLedger(shard.Shard).UploadAsync(Lines(ledger.Values), overwrite: true, cancellationToken);
+            int? requests = null, failedRequests = null;
+            if (plan.OpenAiRequests is not null)
+            {
+                var input = await original.ReadInputAsync(shard.Shard, cancellationToken);
+                var outcomes = input.Select(r => OpenAiBatchFormat.OutcomeOf(results.GetValueOrDefault(r.Row), errors.GetValueOrDefault(r.Row))).ToList();
+                (requests, failedRequests) = await WriteOpenAiShardAsync(original, shard.Shard, input, outcomes, (await models.GetAsync(plan.ModelId, cancellationToken)).Manifest, cancellationToken);
+            }
+
             var codes = new Dictionary<string, long>();
             var samples = new Dictionary<string, string>();
             foreach (var line in errors.Values)
@@ -639,7 +690,15 @@ public sealed class InferenceHandler(
                 samples.TryAdd(code, error.RootElement.GetProperty("error").GetString()!);
             }
 
-            await WriteDoneAsync(original, outcome with { Succeeded = results.Count, Failed = errors.Count, ErrorCodes = codes, ErrorSamples = samples }, cancellationToken);
+            await WriteDoneAsync(original, outcome with
+            {
+                Succeeded = results.Count,
+                Failed = errors.Count,
+                ErrorCodes = codes,
+                ErrorSamples = samples,
+                OpenAiRequests = requests ?? outcome.OpenAiRequests,
+                OpenAiFailed = failedRequests ?? outcome.OpenAiFailed,
+            }, cancellationToken);
         }
 
         var retries = previous.Retries.Contains(retry.BatchId) ? previous.Retries : [.. previous.Retries, retry.BatchId];
@@ -704,6 +763,13 @@ public sealed class InferenceHandler(
             r.SetArtifact("inferenceErrors", manifest.Errors);
             r.SetArtifact("ledger", manifest.Ledger);
             r.SetArtifact("inferenceManifest", files.PathOf(files.Manifest));
+            if (manifest.OpenAiOutput is not null)
+            {
+                r.SetCounts(new Dictionary<string, long> { ["openAiRequests"] = manifest.OpenAiRequests ?? 0, ["openAiRequestsFailed"] = manifest.OpenAiFailed ?? 0 });
+                r.SetArtifact("openAiOutput", manifest.OpenAiOutput);
+                r.SetArtifact("openAiErrors", manifest.OpenAiErrors!);
+            }
+
             r.SetTiming(Stages.Inference, TimeSpan.FromMilliseconds(manifest.TimingsMs.GetValueOrDefault("total")));
             r.Error = manifest.Failed > 0 ? $"{manifest.Failed} of {manifest.Rows} rows failed; most common: {manifest.TopError}. See {manifest.Errors}; rescore them with `pipeline infer --retry-failed {manifest.BatchId}` once their cause is fixed." : null;
             r.ErrorCode = manifest.Failed > 0 ? RowsFailedCode : null;

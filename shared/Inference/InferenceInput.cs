@@ -1,3 +1,4 @@
+using System.IO.Hashing;
 using System.Runtime.CompilerServices;
 using System.Text;
 using System.Text.Json;
@@ -7,7 +8,8 @@ namespace Pipeline.Inference;
 
 /// <summary>
 /// Reads the rows of an inference input as it streams in: JSONL (<c>custom_id</c> and a text field, with
-/// ingestion's aliases), CSV/TSV with a header, or plain text (one row per line). A row that cannot be
+/// ingestion's aliases), OpenAI's batch format (JSONL requests with <c>url</c> and <c>body</c>, recognised by
+/// the first line; see <see cref="OpenAiBatchFormat"/>), CSV/TSV with a header, or plain text (one row per line). A row that cannot be
 /// scored comes back with its error code; an input that has no text at all is refused before any work.
 /// </summary>
 public static class InferenceInput
@@ -41,6 +43,8 @@ public static class InferenceInput
         long row = 0, line = 0;
         string? pending = null;
         long pendingLine = 0;
+        // OpenAI's batch format: the lines each custom_id was first seen on (by its 64-bit hash, so memory stays small at millions of requests).
+        Dictionary<ulong, long>? requests = null;
         while (await reader.ReadLineAsync(cancellationToken) is { } text)
         {
             line++;
@@ -65,10 +69,33 @@ public static class InferenceInput
                     continue;
                 }
 
-                if (format == DataFormats.Jsonl && JsonlFieldNames(text) is { } fields && FieldNames.IndexOf(fields, FieldNames.Text, options.TextField) < 0)
+                requests = format == DataFormats.Jsonl && OpenAiBatchFormat.IsRequestLine(text) ? [] : null;
+                if (requests is null && format == DataFormats.Jsonl && JsonlFieldNames(text) is { } fields && FieldNames.IndexOf(fields, FieldNames.Text, options.TextField) < 0)
                 {
                     throw NoText(blobName, fields, options);
                 }
+            }
+
+            if (requests is not null)
+            {
+                if (string.IsNullOrWhiteSpace(text))
+                {
+                    continue;
+                }
+
+                foreach (var item in OpenAiBatchFormat.Rows(text, row, line))
+                {
+                    if (item.OpenAi!.Item == 0 && item.CustomId is { } id && !requests.TryAdd(XxHash64.HashToUInt64(Encoding.UTF8.GetBytes(id)), line))
+                    {
+                        throw new InferenceRejectedException(InferenceErrorCodes.DuplicateCustomId,
+                            $"{blobName}: custom_id '{id}' on line {line} was already used on line {requests[XxHash64.HashToUInt64(Encoding.UTF8.GetBytes(id))]}; every request of a batch needs a unique custom_id.");
+                    }
+
+                    yield return item;
+                    row++;
+                }
+
+                continue;
             }
 
             if (format == DataFormats.Csv)

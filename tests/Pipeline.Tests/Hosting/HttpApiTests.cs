@@ -212,9 +212,17 @@ public sealed class HttpApiTests : IAsyncLifetime
     {
         var functions = (await _http.GetFromJsonAsync<JsonElement>("/admin/functions")).EnumerateArray()
             .Select(f => (Name: f.GetProperty("name").GetString(), Trigger: f.GetProperty("bindings")[0])).Where(f => f.Trigger.GetProperty("type").GetString() == "httpTrigger").ToList();
-        Assert.Equal(12, functions.Count);
+        Assert.Equal(20, functions.Count);
         foreach (var (name, trigger) in functions)
         {
+            if (name!.StartsWith("OpenAi", StringComparison.Ordinal))
+            {
+                // OpenAI's Files and Batches routes check the SDKs' Bearer key themselves (the host reads no Bearer token as a function key).
+                Assert.StartsWith("v1/", trigger.GetProperty("route").GetString());
+                Assert.Equal("Anonymous", trigger.GetProperty("authLevel").GetString());
+                continue;
+            }
+
             if (name == "Dashboard")
             {
                 // The dashboard's static files (no data) at the root, as a catch-all: anonymous.
