@@ -49,10 +49,10 @@ public sealed class OnnxGraph
         return name;
     }
 
-    /// <summary>An int8 tensor of quantized weights.</summary>
-    public string Int8(string name, sbyte[] values, params long[] dims)
+    /// <summary>An int8 (or, with <paramref name="unsigned"/>, uint8: the same bytes) tensor of quantized weights; no dims: a scalar.</summary>
+    public string Int8(string name, sbyte[] values, bool unsigned = false, params long[] dims)
     {
-        var tensor = new TensorProto { Name = name, DataType = (int)TensorProto.Types.DataType.Int8 };
+        var tensor = new TensorProto { Name = name, DataType = (int)(unsigned ? TensorProto.Types.DataType.Uint8 : TensorProto.Types.DataType.Int8) };
         tensor.Dims.AddRange(dims);
         tensor.RawData = ByteString.CopyFrom(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()));
         _graph.Initializer.Add(tensor);

@@ -17,8 +17,15 @@ public sealed record QuantizationOptions
     /// </summary>
     public bool ReduceRange { get; init; } = true;
 
-    public string Describe() =>
-        $"int8 symmetric, {(PerChannel ? "per output channel" : "per tensor")}, {(ReduceRange ? "7-bit range [-63, 63] (reduce range)" : "8-bit range [-127, 127]")}";
+    /// <summary>
+    /// uint8 weights around a zero point of 128 instead of int8 (default false): ONNX Runtime's uint8 x uint8 kernel
+    /// widens to 16 bits before multiplying, so it never saturates, at full 8-bit precision, and is slower on AVX2.
+    /// </summary>
+    public bool UnsignedWeights { get; init; }
+
+    public string Describe() => UnsignedWeights
+        ? $"uint8 symmetric around 128, {(PerChannel ? "per output channel" : "per tensor")}, range [1, 255]"
+        : $"int8 symmetric, {(PerChannel ? "per output channel" : "per tensor")}, {(ReduceRange ? "7-bit range [-63, 63] (reduce range)" : "8-bit range [-127, 127]")}";
 }
 
 /// <summary>What <see cref="Int8Quantizer.Quantize"/> made: the graph and which nodes it changed.</summary>
@@ -53,38 +60,19 @@ public static class Int8Quantizer
     ];
 
     /// <exception cref="QuantizationRejectedException">The graph cannot be quantized; <see cref="QuantizationRejectedException.Code"/> says why.</exception>
+    public static void EnsureQuantizable(ModelProto model) => Candidates(model);
+
+    /// <exception cref="QuantizationRejectedException">The graph cannot be quantized; <see cref="QuantizationRejectedException.Code"/> says why.</exception>
     public static QuantizedGraph Quantize(ModelProto source, QuantizationOptions? options = null)
     {
         options ??= new QuantizationOptions();
-        var opset = EncoderHead.DefaultOpset(source);
-        if (opset is < MinimumOpset or > MaximumOpset)
-        {
-            throw new QuantizationRejectedException(QuantizationErrorCodes.UnsupportedOpset,
-                $"The graph imports opset {opset} of the default domain; int8 quantization supports opsets {MinimumOpset} to {MaximumOpset} (DynamicQuantizeLinear needs 11). Export the model again with an opset in that range.");
-        }
-
         var model = source.Clone();
         var graph = model.Graph;
-        var already = graph.Node.Where(n => QuantizedOps.Contains(n.OpType)).Select(n => n.OpType).Distinct().ToList();
-        if (already.Count > 0 || source.MetadataProps.Any(p => p.Key == MetadataKey))
-        {
-            throw new QuantizationRejectedException(QuantizationErrorCodes.AlreadyQuantized,
-                $"The graph is quantized already (it has {(already.Count > 0 ? string.Join(", ", already) + " nodes" : $"the {MetadataKey} mark")}). Quantize its fp32 source model instead.");
-        }
-
+        var candidates = Candidates(model);
         var initializers = graph.Initializer.ToDictionary(t => t.Name);
-        TensorProto? Weight(string name) => initializers.TryGetValue(name, out var t) && t.DataType == (int)DataType.Float && t.Dims.Count == 2 ? t : null;
-        var candidates = graph.Node.Where(n => n.Domain is "" or "ai.onnx" && Weight(n.Input.ElementAtOrDefault(1) ?? "") is not null && !initializers.ContainsKey(n.Input[0])
-            && (n.OpType == "MatMul" || (n.OpType == "Gemm" && IsPlainGemm(n)))).ToHashSet(ReferenceEqualityComparer.Instance);
-        if (candidates.Count == 0)
-        {
-            throw new QuantizationRejectedException(QuantizationErrorCodes.NoWeights,
-                $"The graph has no MatMul or Gemm with a constant weight matrix to quantize (its ops: {string.Join(", ", graph.Node.Select(n => n.OpType).Distinct().Order())}); int8 would save nothing.");
-        }
-
         var scratch = new OnnxGraph(new GraphProto(), Prefix);
         var quantizedActivations = new Dictionary<string, string[]>();
-        var quantizedWeights = new Dictionary<(string Name, bool Transposed), (string Values, string Scale)>();
+        var quantizedWeights = new Dictionary<(string Name, bool Transposed), (string Values, string Scale, string? ZeroPoint)>();
         var nodes = new List<NodeProto>();
         var quantizedNodes = new List<string>();
         var floatMatMuls = new List<string>();
@@ -116,7 +104,8 @@ public static class Int8Quantizer
                 quantizedWeights[(node.Input[1], transposed)] = weight;
             }
 
-            var product = scratch.Node("MatMulInteger", [activation[0], weight.Values, activation[2]]);
+            string[] inputs = weight.ZeroPoint is { } zeroPoint ? [activation[0], weight.Values, activation[2], zeroPoint] : [activation[0], weight.Values, activation[2]];
+            var product = scratch.Node("MatMulInteger", inputs);
             var scaled = scratch.Node("Mul", [scratch.Node("Cast", [product], ("to", (long)DataType.Float)), scratch.Node("Mul", [activation[1], weight.Scale])]);
             if (gemm && node.Input.Count > 2 && node.Input[2].Length > 0)
             {
@@ -156,6 +145,33 @@ public static class Int8Quantizer
         return new QuantizedGraph(model, quantizedNodes, floatMatMuls);
     }
 
+    /// <summary>The MatMul and Gemm nodes with a constant float weight matrix; refuses a graph that has none, is quantized already, or has another opset.</summary>
+    private static HashSet<object?> Candidates(ModelProto model)
+    {
+        var opset = EncoderHead.DefaultOpset(model);
+        if (opset is < MinimumOpset or > MaximumOpset)
+        {
+            throw new QuantizationRejectedException(QuantizationErrorCodes.UnsupportedOpset,
+                $"The graph imports opset {opset} of the default domain; int8 quantization supports opsets {MinimumOpset} to {MaximumOpset} (DynamicQuantizeLinear needs 11). Export the model again with an opset in that range.");
+        }
+
+        var graph = model.Graph;
+        var already = graph.Node.Where(n => QuantizedOps.Contains(n.OpType)).Select(n => n.OpType).Distinct().ToList();
+        if (already.Count > 0 || model.MetadataProps.Any(p => p.Key == MetadataKey))
+        {
+            throw new QuantizationRejectedException(QuantizationErrorCodes.AlreadyQuantized,
+                $"The graph is quantized already (it has {(already.Count > 0 ? string.Join(", ", already) + " nodes" : $"the {MetadataKey} mark")}). Quantize its fp32 source model instead.");
+        }
+
+        var initializers = graph.Initializer.ToDictionary(t => t.Name);
+        TensorProto? Weight(string name) => initializers.TryGetValue(name, out var t) && t.DataType == (int)DataType.Float && t.Dims.Count == 2 ? t : null;
+        var candidates = graph.Node.Where(n => n.Domain is "" or "ai.onnx" && Weight(n.Input.ElementAtOrDefault(1) ?? "") is not null && !initializers.ContainsKey(n.Input[0])
+            && (n.OpType == "MatMul" || (n.OpType == "Gemm" && IsPlainGemm(n)))).ToHashSet(ReferenceEqualityComparer.Instance);
+        return candidates.Count > 0 ? candidates
+            : throw new QuantizationRejectedException(QuantizationErrorCodes.NoWeights,
+                $"The graph has no MatMul or Gemm with a constant weight matrix to quantize (its ops: {string.Join(", ", graph.Node.Select(n => n.OpType).Distinct().Order())}); int8 would save nothing.");
+    }
+
     /// <summary>A Gemm this rewrite keeps exact: A not transposed, alpha and beta 1.</summary>
     private static bool IsPlainGemm(NodeProto node) =>
         Attribute(node, "transA") == 0 && FloatAttribute(node, "alpha") == 1f && FloatAttribute(node, "beta") == 1f;
@@ -168,12 +184,12 @@ public static class Int8Quantizer
     /// A [K, N] weight (or a Gemm's [N, K] with transB) as int8 [K, N] with symmetric scales, one per output column
     /// (zero points are 0, so MatMulInteger needs none).
     /// </summary>
-    private static (string Values, string Scale) QuantizeWeight(OnnxGraph graph, TensorProto tensor, bool transposed, QuantizationOptions options)
+    private static (string Values, string Scale, string? ZeroPoint) QuantizeWeight(OnnxGraph graph, TensorProto tensor, bool transposed, QuantizationOptions options)
     {
         var values = OnnxGraph.Floats(tensor);
         var (k, n) = transposed ? ((int)tensor.Dims[1], (int)tensor.Dims[0]) : ((int)tensor.Dims[0], (int)tensor.Dims[1]);
         float At(int row, int column) => transposed ? values[column * k + row] : values[row * n + column];
-        var limit = options.ReduceRange ? 63f : 127f;
+        var limit = options.ReduceRange && !options.UnsignedWeights ? 63f : 127f;
         var scales = new float[options.PerChannel ? n : 1];
         for (var column = 0; column < n; column++)
         {
@@ -193,18 +209,27 @@ public static class Int8Quantizer
         }
 
         var quantized = new sbyte[k * n];
+        var offset = options.UnsignedWeights ? 128 : 0;
         for (var row = 0; row < k; row++)
         {
             for (var column = 0; column < n; column++)
             {
-                var q = MathF.Round(At(row, column) / scales[options.PerChannel ? column : 0], MidpointRounding.ToEven);
-                quantized[row * n + column] = (sbyte)Math.Clamp(q, -limit, limit);
+                var q = (int)Math.Clamp(MathF.Round(At(row, column) / scales[options.PerChannel ? column : 0], MidpointRounding.ToEven), -limit, limit);
+                // uint8 values are stored through the same bytes: q + 128 in [1, 255].
+                quantized[row * n + column] = unchecked((sbyte)(byte)(q + offset));
             }
         }
 
-        var name = Prefix + tensor.Name;
-        return (graph.Int8(name + (transposed ? ".transposed" : "") + ".int8", quantized, k, n),
-            options.PerChannel ? graph.Initializer(name + ".scale", scales, n) : graph.Scalar(name + ".scale", scales[0]));
+        var name = Prefix + tensor.Name + (transposed ? ".transposed" : "");
+        var scale = options.PerChannel ? graph.Initializer(name + ".scale", scales, n) : graph.Scalar(name + ".scale", scales[0]);
+        if (!options.UnsignedWeights)
+        {
+            return (graph.Int8(name + ".int8", quantized, false, k, n), scale, null);
+        }
+
+        var zeroPoints = Enumerable.Repeat(unchecked((sbyte)(byte)128), options.PerChannel ? n : 1).ToArray();
+        return (graph.Int8(name + ".uint8", quantized, true, k, n), scale,
+            options.PerChannel ? graph.Int8(name + ".zero_point", zeroPoints, true, n) : graph.Int8(name + ".zero_point", zeroPoints, true));
     }
 }
 

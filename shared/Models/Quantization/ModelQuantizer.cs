@@ -33,6 +33,20 @@ public sealed class ModelQuantizer(StorageClients storage, InferenceSettings set
             throw new QuantizationRejectedException(QuantizationErrorCodes.AlreadyQuantized, $"Model '{sourceId}' is already an int8 copy of '{done.SourceModel}'. Quantize '{done.SourceModel}' instead.");
         }
 
+        var folder = source.Tokenizer.Files?.TrimEnd('/') is { Length: > 0 } files && files.StartsWith($"{StorageNames.Containers.Models}/", StringComparison.Ordinal)
+            ? files[(StorageNames.Containers.Models.Length + 1)..]
+            : sourceId;
+        byte[] onnx;
+        try
+        {
+            onnx = (await models.GetBlobClient($"{folder}/{source.OnnxPath}").DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            throw new QuantizationRejectedException(QuantizationErrorCodes.ModelNotFound, $"Model '{sourceId}' has a model.json but no models/{folder}/{source.OnnxPath}.");
+        }
+
+        Int8Quantizer.EnsureQuantizable(ModelProto.Parser.ParseFrom(onnx));
         var path = preparedManifest
             ?? (source.Lineage is { DatasetId: { } datasetId, PreparedId: { } preparedId } ? $"{StorageNames.Containers.Datasets}/{PreprocessHandler.Folder(datasetId, preparedId)}manifest.json" : null)
             ?? throw new QuantizationRejectedException(QuantizationErrorCodes.NoValidationData,
@@ -48,24 +62,10 @@ public sealed class ModelQuantizer(StorageClients storage, InferenceSettings set
 
         // An embedding model needs no labels: every validation record is a row.
         var rows = await PreparedSplits.ReadAsync(storage, prepared, "validation", source.Task == ModelTasks.Classification ? source.Labels.Count : null, cancellationToken);
-
         if (rows.Count == 0)
         {
             throw new QuantizationRejectedException(QuantizationErrorCodes.NoValidationData,
                 $"The prepared dataset {path} has no labelled validation rows to measure on. Prepare it with a validationFraction above 0 (and labels for a classifier).");
-        }
-
-        var folder = source.Tokenizer.Files?.TrimEnd('/') is { Length: > 0 } files && files.StartsWith($"{StorageNames.Containers.Models}/", StringComparison.Ordinal)
-            ? files[(StorageNames.Containers.Models.Length + 1)..]
-            : sourceId;
-        byte[] onnx;
-        try
-        {
-            onnx = (await models.GetBlobClient($"{folder}/{source.OnnxPath}").DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
-        }
-        catch (RequestFailedException e) when (e.Status == 404)
-        {
-            throw new QuantizationRejectedException(QuantizationErrorCodes.ModelNotFound, $"Model '{sourceId}' has a model.json but no models/{folder}/{source.OnnxPath}.");
         }
 
         return await QuantizeAsync(source, onnx, tokenizer, outputId ?? sourceId + DefaultSuffix, rows, path, options, cancellationToken);
