@@ -99,12 +99,6 @@ public sealed class QuantizationFolderTests(Azurite azurite) : IClassFixture<Azu
         Assert.Equal(QuantizationErrorCodes.NoValidationData, none.Code);
         Assert.Contains("--validation datasets/", none.Message);
 
-        foreach (var (o, n) in new[] { (new QuantizationOptions { ReduceRange = false }, "full"), (new QuantizationOptions { UnsignedWeights = true }, "u8"), (new QuantizationOptions { PerChannel = false }, "pertensor") })
-        {
-            var m = await quantizer.QuantizeAsync(StarterModel.ModelId, "exp-" + n, prepared, o, CancellationToken.None);
-            Console.WriteLine($"EXPERIMENT {n}: {m.Quantization!.Agreement.MeanCosine} min {m.Quantization.Agreement.MinCosine}");
-        }
-
         var int8 = await quantizer.QuantizeAsync(StarterModel.ModelId, null, prepared, null, CancellationToken.None);
         var q = int8.Quantization!;
         Assert.Equal(("all-minilm-l6-v2-int8", ModelTasks.Embedding, starter.Output, "mean+normalize"), (int8.ModelId, int8.Task, int8.Output, int8.SentencePooling.ToString()));
@@ -114,7 +108,8 @@ public sealed class QuantizationFolderTests(Azurite azurite) : IClassFixture<Azu
         Assert.True(q.Agreement.MeanCosine >= 0.99, $"mean cosine {q.Agreement.MeanCosine} (min {q.Agreement.MinCosine}) on {q.Agreement.Rows} rows");
         Assert.InRange(q.Agreement.Rows, 30, 70);
         Assert.Null(q.Agreement.QuantizedAccuracy);
-        Assert.True(q.QuantizedBytes < q.SourceBytes * 0.4, $"{q.QuantizedBytes} of {q.SourceBytes} bytes");
+        // The weight matrices shrink 4x; the 47 MB embedding table stays fp32.
+        Assert.InRange((double)q.QuantizedBytes / q.SourceBytes, 0.6, 0.7);
         var sessions = pipeline.Services.GetRequiredService<ModelSessions>();
         Assert.Equal("all-minilm-l6-v2-int8", (await sessions.GetAsync(int8.ModelId, CancellationToken.None)).Manifest.ModelId);
 

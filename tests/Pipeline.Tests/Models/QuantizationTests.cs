@@ -101,25 +101,34 @@ public sealed class QuantizationTests
             Assert.Equal(source.Graph.Node.Count(n => n.OpType == op), graph.Node.Count(n => n.OpType == op));
         }
 
-        var weights = graph.Initializer.Where(t => t.DataType == (int)DataType.Int8).ToList();
+        // uint8 weights around 128 by default, with a zero point per column.
+        var weights = graph.Initializer.Where(t => t.DataType == (int)DataType.Uint8 && t.Dims.Count == 2).ToList();
         Assert.Equal(Small.Layers * 6 + 1, weights.Count);
-        // 7-bit symmetric by default: no value past 63 (the AVX2 saturation bound).
-        Assert.All(weights, w => Assert.InRange(w.RawData.Span.ToArray().Select(b => (int)(sbyte)b).Max(Math.Abs), 1, 63));
+        Assert.All(weights, w => Assert.Equal(127, w.RawData.Span.ToArray().Max(b => Math.Abs(b - 128))));
+        Assert.Equal(Small.Layers * 6 + 1, graph.Node.Count(n => n.OpType == "MatMulInteger" && n.Input.Count == 4));
+        // int8 weights: 7 bits by default, no value past 63 (the AVX2 saturation bound), and no zero point.
+        var signed = Int8Quantizer.Quantize(source, new QuantizationOptions { UnsignedWeights = false }).Model.Graph;
+        var int8 = signed.Initializer.Where(t => t.DataType == (int)DataType.Int8).ToList();
+        Assert.Equal(Small.Layers * 6 + 1, int8.Count);
+        Assert.All(int8, w => Assert.Equal(63, w.RawData.Span.ToArray().Select(b => (int)(sbyte)b).Max(Math.Abs)));
+        Assert.All(signed.Node.Where(n => n.OpType == "MatMulInteger"), n => Assert.Equal(3, n.Input.Count));
         Assert.Contains(graph.Initializer, t => t.Name == ModelGenerator.EmbeddingTable && t.DataType == (int)DataType.Float);
         Assert.DoesNotContain(graph.Initializer, t => t.Name == "encoder.layer.0.attention.self.query.weight");
         Assert.True(quantized.Model.CalculateSize() < source.CalculateSize() * 0.75, $"{quantized.Model.CalculateSize()} bytes vs {source.CalculateSize()}");
     }
 
     [Theory]
-    [InlineData(true, true)]
-    [InlineData(false, true)]
-    [InlineData(true, false)]
-    public void The_quantized_graph_agrees_with_fp32_on_pooled_features_and_probabilities(bool perChannel, bool reduceRange)
+    [InlineData(true, true, true)]
+    [InlineData(true, true, false)]
+    [InlineData(true, false, false)]
+    [InlineData(false, true, false)]
+    [InlineData(false, true, true)]
+    public void The_quantized_graph_agrees_with_fp32_on_pooled_features_and_probabilities(bool perChannel, bool reduceRange, bool unsignedWeights)
     {
         var encoder = ModelGenerator.Bert(Small, 5);
         var features = EncoderHead.Features(encoder, new Pooling(Pooling.Mean, Normalize: false));
         var classifier = Classifier(Small);
-        var options = new QuantizationOptions { PerChannel = perChannel, ReduceRange = reduceRange };
+        var options = new QuantizationOptions { PerChannel = perChannel, ReduceRange = reduceRange, UnsignedWeights = unsignedWeights };
         var (ids, mask) = Inputs(Small.Vocabulary, 3);
 
         var fp32 = Run(features.ToByteArray(), EncoderHead.FeaturesOutput, ids, mask, Batch, Sequence);
@@ -137,10 +146,12 @@ public sealed class QuantizationTests
         Assert.NotEqual(fp32, int8);
     }
 
-    [Fact]
-    public void Onnx_runtime_fuses_the_rewrite_into_its_integer_matmul_kernels()
+    [Theory]
+    [InlineData(true)]
+    [InlineData(false)]
+    public void Onnx_runtime_fuses_the_rewrite_into_its_integer_matmul_kernels(bool unsignedWeights)
     {
-        var quantized = Int8Quantizer.Quantize(Classifier(Small)).Model.ToByteArray();
+        var quantized = Int8Quantizer.Quantize(Classifier(Small), new QuantizationOptions { UnsignedWeights = unsignedWeights }).Model.ToByteArray();
         var path = Path.Combine(Path.GetTempPath(), $"int8-optimized-{Guid.NewGuid():n}.onnx");
         try
         {
