@@ -180,12 +180,13 @@ public static class MoreCommands
                 return CliOptions.ExitCodes.Succeeded;
             }
 
-            var table = new Table().AddColumns("Model", "Task", "Labels", "Output", "Vocabulary", "Metrics", "Lineage");
+            var table = new Table().AddColumns("Model", "Task", "Labels", "Output", "Vocabulary", "Metrics", "Lineage", "Quantization");
             foreach (var m in models)
             {
                 table.AddRow(m.ModelId, m.Task, Markup.Escape(string.Join(", ", m.Labels)), m.Output, m.VocabularySize.ToString("N0"),
                     Markup.Escape(string.Join(", ", (m.Lineage.Metrics ?? []).Select(x => $"{x.Key} {x.Value:N3}"))),
-                    Markup.Escape(m.Lineage.PreparedId ?? m.Lineage.Source ?? m.Lineage.BaseModel ?? ""));
+                    Markup.Escape(m.Lineage.PreparedId ?? m.Lineage.Source ?? m.Lineage.BaseModel ?? ""),
+                    Markup.Escape(m.Quantization is { } q ? $"{q.Scheme} of {q.SourceModel}: {QuantizeCommand.Describe(q.Agreement)}" : ""));
             }
 
             AnsiConsole.Write(table);
@@ -194,6 +195,7 @@ public static class MoreCommands
         command.Subcommands.Add(RegisterModel());
         command.Subcommands.Add(AddStarter());
         command.Subcommands.Add(GenerateModel());
+        command.Subcommands.Add(QuantizeCommand.Create());
         return command;
     }
 

@@ -29,41 +29,16 @@ public static class FineTuneBench
     {
         using var azurite = new AzuriteServer();
         await azurite.StartAsync();
-        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
-        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration)
-            .AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).AddSingleton<JobTrainer>().BuildServiceProvider();
+        using var services = await ServicesAsync(azurite);
         var storage = services.GetRequiredService<StorageClients>();
-        await storage.EnsureCreatedAsync();
         var fineTune = fineTuneJson is { Length: > 0 } ? JsonNode.Parse(fineTuneJson)!.AsObject() : [];
-        string tokenizer;
-        if (generated)
+        if (!generated)
         {
-            tokenizer = """{"kind":"tiktoken","encoding":"cl100k_base"}""";
-        }
-        else
-        {
-            var clock = Stopwatch.StartNew();
-            await new ModelRegistry(storage).AddStarterAsync(StarterModel.LocatePackage(null, typeof(FineTuneBench).Assembly), CancellationToken.None);
-            Console.WriteLine($"Starter base {StarterModel.ModelId} laid out and registered in {clock.Elapsed.TotalSeconds:N1} s ({StarterModel.Citation}).");
             fineTune["baseModel"] ??= StarterModel.ModelId;
-            tokenizer = $$"""{"kind":"wordpiece","files":"models/{{StarterModel.ModelId}}/"}""";
         }
 
-        var shared = Path.GetFullPath(Path.Combine(AzuriteServer.RepoRoot, "..", "shared", "data", "sentiment"));
-        var data = string.Concat(new[] { "yelp_labelled.txt", "amazon_cells_labelled.txt" }.SelectMany(f => File.ReadLines(Path.Combine(shared, f))).Where(l => l.Contains('\t')).Select(l => l + "\n"));
-        var spec = "{\"ingest\":{\"format\":\"tsv\",\"columns\":[\"text\",\"label\"]},\"preprocess\":{\"tokenizer\":" + tokenizer + ",\"validationFraction\":0.2,\"seed\":42},\"fineTune\":"
-            + fineTune.ToJsonString() + "}";
-        var blob = storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-sentiment.tsv");
-        await storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-sentiment.pipeline.json").UploadAsync(new BinaryData(Encoding.UTF8.GetBytes(spec)), overwrite: true);
-        var etag = (await blob.UploadAsync(new BinaryData(Encoding.UTF8.GetBytes(data)), overwrite: true)).Value.ETag.ToString().Trim('"');
-        await services.GetRequiredService<IngestHandler>().IngestAsync(new IngestRequest(StorageNames.Containers.Incoming, blob.Name, etag, "bench-ft", null), 1, CancellationToken.None);
-        var ingested = (await services.GetRequiredService<RunStore>().GetAsync("bench-ft"))!;
-        var runSpec = RunSpec.Parse(Encoding.UTF8.GetBytes(spec), "bench");
-        await services.GetRequiredService<PreprocessHandler>().HandleAsync(new Pipeline.Messaging.PreprocessRequest(ingested.DatasetId!, "", runSpec with { FineTune = null }), "bench-ft-pre", 1, CancellationToken.None);
-        var prepared = (await services.GetRequiredService<RunStore>().GetAsync("bench-ft-pre"))!.GetArtifacts()["preparedManifest"];
-        var preparedId = prepared.Split('/')[3];
-
-        var (job, m, seconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested.DatasetId!, preparedId, prepared, runSpec), "bench-ft-run");
+        var (ingested, preparedId, prepared, runSpec) = await PrepareSentimentAsync(services, storage, fineTune, generated);
+        var (job, m, seconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested, preparedId, prepared, runSpec), "bench-ft-run");
         var h = job.Hyperparameters;
         Console.WriteLine($"Fine-tune benchmark: yelp + amazon ({m["trainExamples"]:N0} train / {m["validationExamples"]:N0} validation examples after dedup, stratified 80/20, seed 42), {(generated ? "cl100k_base" : "WordPiece (the model's vocab.txt)")},");
         Console.WriteLine($"base {job.BaseModel}, trainable {h.Trainable}, pooling {h.Pooling}, {h.Epochs} epochs max (early stopping patience {h.EarlyStoppingPatience}), batch {h.BatchSize}, lr {h.LearningRate}, weight decay {h.WeightDecay}, seed {h.Seed}, {Environment.ProcessorCount} cores.");
@@ -93,7 +68,7 @@ public static class FineTuneBench
                     ["outputModelId"] = "bench-second",
                 }.ToJsonString()).RootElement.Clone()
             };
-            var (_, second, secondSeconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested.DatasetId!, preparedId, prepared, other), "bench-ft-second");
+            var (_, second, secondSeconds) = await TrainAsync(services, storage, new FineTuneRequest(ingested, preparedId, prepared, other), "bench-ft-second");
             Console.WriteLine($"| second job (learning rate {h.LearningRate * 2}): feature cache hit | {(second["featureCacheHit"] == 1 ? "yes" : "no")}, features read in {second["featureSeconds"]:N2} s, whole job {secondSeconds:N1} s, accuracy {second["validationAccuracy"]:P1} |");
             await ProbeAsync(services, storage, job);
         }
@@ -122,7 +97,51 @@ public static class FineTuneBench
         Console.WriteLine($"| reference: exact L2 logistic regression on the same {pooling} features (Newton to convergence), best of penalties {string.Join(", ", LinearProbe.Penalties)} | {accuracy:P1} (penalty {penalty}; {string.Join(", ", sweep.Select(s => $"{s.Accuracy:P1}"))}) |");
     }
 
-    private static async Task<(JobSpec Job, Dictionary<string, double> Metrics, double Seconds)> TrainAsync(ServiceProvider services, StorageClients storage, FineTuneRequest request, string runId)
+    /// <summary>The services the app composes for the stages and the trainer, on the given Azurite.</summary>
+    internal static async Task<ServiceProvider> ServicesAsync(AzuriteServer azurite, IDictionary<string, string?>? settings = null)
+    {
+        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>(settings ?? new Dictionary<string, string?>()) { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
+        var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration)
+            .AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).AddSingleton<JobTrainer>().BuildServiceProvider();
+        await services.GetRequiredService<StorageClients>().EnsureCreatedAsync();
+        return services;
+    }
+
+    /// <summary>
+    /// Ingests and preprocesses yelp + amazon (stratified 80/20, seed 42) with the base's tokenizer: the starter's WordPiece
+    /// (registered first) or, for the generated base, cl100k_base. Returns the dataset, the prepared dataset and the run spec.
+    /// </summary>
+    internal static async Task<(string DatasetId, string PreparedId, string PreparedManifest, RunSpec Spec)> PrepareSentimentAsync(ServiceProvider services, StorageClients storage, JsonObject fineTune, bool generated)
+    {
+        string tokenizer;
+        if (generated)
+        {
+            tokenizer = """{"kind":"tiktoken","encoding":"cl100k_base"}""";
+        }
+        else
+        {
+            var clock = Stopwatch.StartNew();
+            await new ModelRegistry(storage).AddStarterAsync(StarterModel.LocatePackage(null, typeof(FineTuneBench).Assembly), CancellationToken.None);
+            Console.WriteLine($"Starter base {StarterModel.ModelId} laid out and registered in {clock.Elapsed.TotalSeconds:N1} s ({StarterModel.Citation}).");
+            tokenizer = $$"""{"kind":"wordpiece","files":"models/{{StarterModel.ModelId}}/"}""";
+        }
+
+        var shared = Path.GetFullPath(Path.Combine(AzuriteServer.RepoRoot, "..", "shared", "data", "sentiment"));
+        var data = string.Concat(new[] { "yelp_labelled.txt", "amazon_cells_labelled.txt" }.SelectMany(f => File.ReadLines(Path.Combine(shared, f))).Where(l => l.Contains('\t')).Select(l => l + "\n"));
+        var spec = "{\"ingest\":{\"format\":\"tsv\",\"columns\":[\"text\",\"label\"]},\"preprocess\":{\"tokenizer\":" + tokenizer + ",\"validationFraction\":0.2,\"seed\":42},\"fineTune\":"
+            + fineTune.ToJsonString() + "}";
+        var blob = storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-sentiment.tsv");
+        await storage.Container(StorageNames.Containers.Incoming).GetBlobClient("bench-sentiment.pipeline.json").UploadAsync(new BinaryData(Encoding.UTF8.GetBytes(spec)), overwrite: true);
+        var etag = (await blob.UploadAsync(new BinaryData(Encoding.UTF8.GetBytes(data)), overwrite: true)).Value.ETag.ToString().Trim('"');
+        await services.GetRequiredService<IngestHandler>().IngestAsync(new IngestRequest(StorageNames.Containers.Incoming, blob.Name, etag, "bench-ft", null), 1, CancellationToken.None);
+        var ingested = (await services.GetRequiredService<RunStore>().GetAsync("bench-ft"))!;
+        var runSpec = RunSpec.Parse(Encoding.UTF8.GetBytes(spec), "bench");
+        await services.GetRequiredService<PreprocessHandler>().HandleAsync(new Pipeline.Messaging.PreprocessRequest(ingested.DatasetId!, "", runSpec with { FineTune = null }), "bench-ft-pre", 1, CancellationToken.None);
+        var prepared = (await services.GetRequiredService<RunStore>().GetAsync("bench-ft-pre"))!.GetArtifacts()["preparedManifest"];
+        return (ingested.DatasetId!, prepared.Split('/')[3], prepared, runSpec);
+    }
+
+    internal static async Task<(JobSpec Job, Dictionary<string, double> Metrics, double Seconds)> TrainAsync(ServiceProvider services, StorageClients storage, FineTuneRequest request, string runId)
     {
         var job = await services.GetRequiredService<FineTuneHandler>().PlanAsync(request, runId, CancellationToken.None);
         var clock = Stopwatch.StartNew();

@@ -94,11 +94,11 @@ public static class InferenceBench
             $"Other batch sizes for the limit: {string.Join(", ", limits.Select(l => $"{l.Size}: {rows / l.Result.Seconds:N0} rows/s"))}.");
     }
 
-    private static string SharedData => Path.GetFullPath(Path.Combine(AzuriteServer.RepoRoot, "..", "shared", "data"));
+    internal static string SharedData => Path.GetFullPath(Path.Combine(AzuriteServer.RepoRoot, "..", "shared", "data"));
 
-    private readonly record struct Timing(double Seconds, long Tokens, double Padding);
+    internal readonly record struct Timing(double Seconds, long Tokens, double Padding);
 
-    private static Timing Time(Func<(long Tokens, long Slots)> run)
+    internal static Timing Time(Func<(long Tokens, long Slots)> run)
     {
         var clock = Stopwatch.StartNew();
         var (tokens, slots) = run();
@@ -106,7 +106,7 @@ public static class InferenceBench
     }
 
     /// <summary>ONNX Runtime alone over token ids, in batches of <paramref name="size"/> (optionally sorted by length).</summary>
-    private static (long Tokens, long Slots) RunBatches(ModelRuntime runtime, List<int[]> rows, int size, bool sorted)
+    internal static (long Tokens, long Slots) RunBatches(ModelRuntime runtime, List<int[]> rows, int size, bool sorted)
     {
         var order = sorted ? [.. rows.OrderBy(r => r.Length)] : rows;
         long tokens = 0, slots = 0;
@@ -142,7 +142,7 @@ public static class InferenceBench
     }
 
     /// <summary>The stage through its real handlers: an infer command, the shard messages delivered by two workers (a host's concurrency), assembly.</summary>
-    private static async Task<Timing> StageAsync(ServiceProvider services, StorageClients storage, List<string> texts, int repetitions)
+    internal static async Task<Timing> StageAsync(ServiceProvider services, StorageClients storage, List<string> texts, int repetitions, string modelId = ModelId)
     {
         var content = Encoding.UTF8.GetBytes(string.Concat(texts.Select((t, i) => JsonSerializer.Serialize(new Dictionary<string, string> { ["custom_id"] = $"row-{i}", ["text"] = t }) + "\n")));
         var router = services.GetRequiredService<CommandRouter>();
@@ -151,14 +151,14 @@ public static class InferenceBench
         for (var attempt = 0; attempt < repetitions; attempt++)
         {
             // A new input name each time: a new batch id, so every repetition does the whole work.
-            var input = $"bench-infer-{attempt}.jsonl";
+            var input = $"bench-infer-{modelId}-{attempt}.jsonl";
             await storage.Container(StorageNames.Containers.Incoming).GetBlobClient(input).UploadAsync(new BinaryData(content), overwrite: true);
-            var runId = $"bench-infer-{attempt}";
+            var runId = $"bench-infer-{modelId}-{attempt}";
             var command = JsonSerializer.Serialize(new MessageEnvelope
             {
                 Type = MessageTypes.Infer,
                 RunId = runId,
-                Body = JsonSerializer.SerializeToElement(new InferenceRequest(ModelId, $"{StorageNames.Containers.Incoming}/{input}"), InferenceJson.Default.InferenceRequest),
+                Body = JsonSerializer.SerializeToElement(new InferenceRequest(modelId, $"{StorageNames.Containers.Incoming}/{input}"), InferenceJson.Default.InferenceRequest),
             }, PipelineJson.Default.MessageEnvelope);
 
             var clock = Stopwatch.StartNew();

@@ -6,6 +6,7 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- infer [real] [rows]       (default: 20000; real: the pretrained MiniLM classifier)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}']  (the real encoder: the starter all-MiniLM-L6-v2)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune generated ['{json}'] (the generated bag-of-embeddings base)
+// dotnet run -c Release --project bench/Pipeline.Bench -- quantize [rows]              (default: 20000; int8 vs fp32 on the real MiniLM classifier)
 // Stages block pool threads in Parallel.For while their uploads need pool threads to complete: start with enough.
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
@@ -24,6 +25,9 @@ switch (mode)
         break;
     case "infer":
         await InferenceBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000, real: args.Length > 1 && args[1] == "real");
+        break;
+    case "quantize":
+        await QuantizeBench.RunAsync(numbers.Length > 0 ? numbers[0] : 20_000);
         break;
     case "finetune":
         var generated = args.Length > 1 && args[1] == "generated";

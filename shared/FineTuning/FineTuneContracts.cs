@@ -40,6 +40,8 @@ public sealed record FineTuneSpec
     public double MaxDurationMinutes { get; set; } = 120;
     /// <summary>The new model's id (default: <c>ft-</c> + the job id's hash).</summary>
     public string? OutputModelId { get; set; }
+    /// <summary>Also write a dynamic int8 copy, <c>&lt;outputModelId&gt;-int8</c>, measured against the model on the validation split (default false).</summary>
+    public bool Quantize { get; set; }
     /// <summary>After the model is registered, score this input with it (a batch inference stage in the same run).</summary>
     public InferenceRequest? Infer { get; set; }
 
@@ -132,6 +134,8 @@ public sealed record JobSpec
     /// <summary>Where the trainer writes the model folder (<c>models/&lt;modelId&gt;/</c>), model.json last.</summary>
     public required string OutputModelId { get; init; }
     public required string OutputModelFolder { get; init; }
+    /// <summary>When set, the trainer also writes a dynamic int8 copy of the model under this id (<c>fineTune.quantize</c>).</summary>
+    public string? QuantizedModelId { get; init; }
     public required string Backend { get; init; }
     /// <summary>The job is stopped (and the run failed) after this long.</summary>
     public required double MaxDurationMinutes { get; init; }

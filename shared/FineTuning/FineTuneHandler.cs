@@ -40,8 +40,8 @@ public sealed class FineTuneHandler(
         ?? throw new FineTuneRejectedException(FineTuneErrorCodes.BackendRejected, $"The '{name}' backend is not configured in this app.");
 
     /// <summary>The job id: the prepared data, the base model (and its version), and every training setting.</summary>
-    public static string JobIdFor(string preparedId, string baseModel, DateTimeOffset baseCreatedAt, Hyperparameters hyper, string backend, string? outputModelId, double maxDurationMinutes) =>
-        "job-" + RunIds.Hash($"{preparedId}|{baseModel}@{baseCreatedAt:O}|{JsonSerializer.Serialize(hyper, FineTuneJson.Default.Hyperparameters)}|{backend}|{outputModelId}|{maxDurationMinutes}", 24);
+    public static string JobIdFor(string preparedId, string baseModel, DateTimeOffset baseCreatedAt, Hyperparameters hyper, string backend, string? outputModelId, double maxDurationMinutes, bool quantize = false) =>
+        "job-" + RunIds.Hash($"{preparedId}|{baseModel}@{baseCreatedAt:O}|{JsonSerializer.Serialize(hyper, FineTuneJson.Default.Hyperparameters)}|{backend}|{outputModelId}|{maxDurationMinutes}{(quantize ? "|int8" : "")}", 24);
 
     /// <summary>Handles a <c>finetune</c> message or command.</summary>
     public async Task HandleAsync(FineTuneRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
@@ -159,6 +159,10 @@ public sealed class FineTuneHandler(
             r.SetArtifact("job", $"{StorageNames.Containers.Jobs}/{job.JobId}/");
             r.SetArtifact("jobSpec", files.SpecPath);
             r.SetArtifact("model", job.OutputModelFolder);
+            if (job.QuantizedModelId is { } quantized)
+            {
+                r.SetArtifact("quantizedModel", $"{StorageNames.Containers.Models}/{quantized}/");
+            }
             r.LastError = note;
             return true;
         }, cancellationToken);
@@ -210,7 +214,7 @@ public sealed class FineTuneHandler(
             Pooling = pooling.ToString(),
         };
         var backend = spec.Backend ?? Options.Backend;
-        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId, spec.MaxDurationMinutes);
+        var jobId = JobIdFor(prepared.PreparedId, baseModel.ModelId, baseModel.CreatedAt, hyper, backend, spec.OutputModelId, spec.MaxDurationMinutes, spec.Quantize);
         var outputModelId = spec.OutputModelId ?? "ft-" + jobId[4..20];
         var job = new JobSpec
         {
@@ -226,6 +230,7 @@ public sealed class FineTuneHandler(
             Hyperparameters = hyper,
             OutputModelId = outputModelId,
             OutputModelFolder = $"{StorageNames.Containers.Models}/{outputModelId}/",
+            QuantizedModelId = spec.Quantize ? outputModelId + Models.Quantization.ModelQuantizer.DefaultSuffix : null,
             Backend = backend,
             MaxDurationMinutes = spec.MaxDurationMinutes,
             HeartbeatSeconds = Options.HeartbeatSeconds,
@@ -561,6 +566,10 @@ public sealed class FineTuneHandler(
             r.SetMetrics(metrics);
             r.SetCounts(new Dictionary<string, long> { ["fineTuneEpoch"] = status.Epoch, ["fineTuneProgressPercent"] = 100 });
             r.SetArtifact("model", job.OutputModelFolder);
+            if (job.QuantizedModelId is { } quantized)
+            {
+                r.SetArtifact("quantizedModel", $"{StorageNames.Containers.Models}/{quantized}/");
+            }
             r.SetArtifact("metrics", $"{StorageNames.Containers.Jobs}/{job.JobId}/metrics.jsonl");
             r.SetTiming(Stages.FineTune, elapsed);
             r.LastError = null;

@@ -51,11 +51,52 @@ public sealed record ModelManifest
     /// <summary>Path of the ONNX file inside the folder (<c>model.onnx</c> or <c>onnx/model.onnx</c>).</summary>
     public string OnnxPath { get; init; } = OnnxFile;
     public required ModelLineage Lineage { get; init; }
+    /// <summary>Set on a quantized copy of another model (<c>pipeline models quantize</c>, <c>fineTune.quantize</c>): how, from what, and how well it agrees.</summary>
+    public ModelQuantization? Quantization { get; init; }
     public required DateTimeOffset CreatedAt { get; init; }
 
     /// <summary>The pooling the model was trained with (<see cref="Pooling"/> and <see cref="Normalize"/>).</summary>
     [JsonIgnore]
     public Pooling SentencePooling => new(Pooling, Normalize);
+}
+
+/// <summary>How a model folder was quantized from its source, and what that cost on the source's validation split.</summary>
+public sealed record ModelQuantization
+{
+    public int SchemaVersion { get; set; } = 1;
+    /// <summary><c>dynamic-int8</c>: int8 weights, activations quantized at run time.</summary>
+    public required string Scheme { get; init; }
+    public required string Weights { get; init; }
+    public required string Activations { get; init; }
+    /// <summary>The MatMul and Gemm nodes whose weights are int8, by their names in the source graph.</summary>
+    public required List<string> QuantizedNodes { get; init; }
+    /// <summary>MatMul nodes kept fp32: both operands are activations (attention scores and context).</summary>
+    public required List<string> FloatMatMuls { get; init; }
+    public required string SourceModel { get; init; }
+    /// <summary>The source's <c>model.json</c> <c>createdAt</c>: which registration of the source id was quantized.</summary>
+    public required DateTimeOffset SourceCreatedAt { get; init; }
+    public required long SourceBytes { get; init; }
+    public required long QuantizedBytes { get; init; }
+    public required QuantizationAgreement Agreement { get; init; }
+}
+
+/// <summary>
+/// The quantized model against its source, row by row on a validation split: accuracy of both and the rows whose
+/// predicted label changed (classification), the cosine similarity of their vectors (embeddings: the pooled
+/// sentence vectors; classification: the probability vectors).
+/// </summary>
+public sealed record QuantizationAgreement
+{
+    /// <summary>The prepared dataset whose validation split was scored (<c>datasets/.../manifest.json</c>).</summary>
+    public required string PreparedManifest { get; init; }
+    public required int Rows { get; init; }
+    public double? SourceAccuracy { get; init; }
+    public double? QuantizedAccuracy { get; init; }
+    /// <summary>100 x (quantized - source accuracy).</summary>
+    public double? AccuracyPoints { get; init; }
+    public double? LabelChangedFraction { get; init; }
+    public required double MeanCosine { get; init; }
+    public required double MinCosine { get; init; }
 }
 
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull, WriteIndented = true)]

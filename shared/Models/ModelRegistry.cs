@@ -29,8 +29,9 @@ public sealed class ModelRegistry(StorageClients storage)
     /// Writes a model folder: the ONNX graph and the tokenizer's files first, <c>model.json</c> last. A tokenizer
     /// with files is read from the folder; a tiktoken encoding needs none.
     /// </summary>
+    /// <param name="complete">Sets what the graph does not say (pooling, quantization) on the manifest before it is written.</param>
     public async Task<ModelManifest> WriteAsync(string modelId, ModelProto model, TokenizerSpec tokenizer, IReadOnlyDictionary<string, byte[]> tokenizerFiles, long vocabularySize,
-        string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken)
+        string task, List<string> labels, int maxSequenceLength, ModelLineage lineage, CancellationToken cancellationToken, Func<ModelManifest, ModelManifest>? complete = null)
     {
         var onnx = model.ToByteArray();
         // First: a folder Pipeline writes itself is never re-derived by the drop handler from its files' events.
@@ -43,8 +44,32 @@ public sealed class ModelRegistry(StorageClients storage)
 
         var spec = tokenizerFiles.Count > 0 ? tokenizer with { Files = $"{StorageNames.Containers.Models}/{modelId}/" } : tokenizer;
         var manifest = Describe(modelId, onnx, task, labels, maxSequenceLength, lineage, vocabularySize) with { Tokenizer = spec };
+        manifest = complete?.Invoke(manifest) ?? manifest;
         await BlobJson.WriteAsync(Models.GetBlobClient($"{modelId}/{ModelManifest.FileName}"), manifest, ModelJson.Default.ModelManifest, cancellationToken);
         return manifest;
+    }
+
+    /// <summary>The files of a tokenizer kept in a model folder (vocab.txt, vocab.json, merges.txt, ...), to copy into a derived model's folder; none for tiktoken.</summary>
+    public async Task<Dictionary<string, byte[]>> ReadTokenizerFilesAsync(TokenizerSpec tokenizer, CancellationToken cancellationToken)
+    {
+        var files = new Dictionary<string, byte[]>();
+        if (tokenizer.Files is not { Length: > 0 } folder)
+        {
+            return files;
+        }
+
+        var container = storage.Container(folder[..folder.IndexOf('/')]);
+        var prefix = folder[(folder.IndexOf('/') + 1)..].TrimEnd('/') + "/";
+        await foreach (var blob in container.GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, prefix, cancellationToken))
+        {
+            var name = blob.Name[prefix.Length..];
+            if (name is "vocab.txt" or "vocab.json" or "merges.txt" or "tokenizer.model" or "tokenizer.json" or "tokenizer_config.json")
+            {
+                files[name] = (await container.GetBlobClient(blob.Name).DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
+            }
+        }
+
+        return files;
     }
 
     /// <summary>Generates a seeded model (see <see cref="GeneratedModelSpec"/>) and writes its folder.</summary>

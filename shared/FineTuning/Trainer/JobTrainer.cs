@@ -7,6 +7,7 @@ using Microsoft.Extensions.Options;
 using Pipeline.Inference;
 using Pipeline.Models;
 using Pipeline.Models.Onnx.Proto;
+using Pipeline.Models.Quantization;
 using Pipeline.Preprocessing;
 using Pipeline.Runs;
 using Pipeline.Storage;
@@ -247,21 +248,7 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         {
             merged = EncoderHead.Classifier(ModelGenerator.BagOfEmbeddings(result.Embeddings ?? embeddings!, (int)table!.Dims[0], hidden), Pooling.Default, result.Weight, result.Bias, spec.Labels.Count);
         }
-        var files = new Dictionary<string, byte[]>();
-        if (baseManifest.Tokenizer.Files is { Length: > 0 } folder)
-        {
-            var container = storage.Container(folder[..folder.IndexOf('/')]);
-            var prefix = folder[(folder.IndexOf('/') + 1)..].TrimEnd('/') + "/";
-            await foreach (var blob in container.GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, prefix, cancellationToken))
-            {
-                var name = blob.Name[prefix.Length..];
-                if (name is "vocab.txt" or "vocab.json" or "merges.txt" or "tokenizer.model" or "tokenizer.json" or "tokenizer_config.json")
-                {
-                    files[name] = (await container.GetBlobClient(blob.Name).DownloadContentAsync(cancellationToken)).Value.Content.ToArray();
-                }
-            }
-        }
-
+        var files = await new ModelRegistry(storage).ReadTokenizerFilesAsync(baseManifest.Tokenizer, cancellationToken);
         var lineage = new ModelLineage
         {
             DatasetId = spec.DatasetId,
@@ -271,8 +258,20 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
             Hyperparameters = JsonSerializer.SerializeToElement(spec.Hyperparameters, FineTuneJson.Default.Hyperparameters),
             Metrics = metrics,
         };
-        await new ModelRegistry(storage).WriteAsync(spec.OutputModelId, merged, baseManifest.Tokenizer, files, baseManifest.VocabularySize,
+        var written = await new ModelRegistry(storage).WriteAsync(spec.OutputModelId, merged, baseManifest.Tokenizer, files, baseManifest.VocabularySize,
             ModelTasks.Classification, spec.Labels, prepared.MaxSequenceLength, lineage, cancellationToken);
+        if (spec.QuantizedModelId is { } quantizedId)
+        {
+            // fineTune.quantize: the int8 copy, measured against the model just written on the same validation rows.
+            var tokenizer = await TokenizerSource.LoadAsync(storage, written.Tokenizer, cancellationToken);
+            var int8 = await new ModelQuantizer(storage, inference.Value).QuantizeAsync(written, merged.ToByteArray(), tokenizer, quantizedId,
+                new LabelledRows(rawValidation.Tokens!, rawValidation.Labels), spec.PreparedManifest, null, cancellationToken);
+            foreach (var (key, value) in int8.Lineage.Metrics!.Where(m => m.Key.StartsWith("int8", StringComparison.Ordinal)))
+            {
+                metrics[key] = value;
+            }
+        }
+
         return metrics;
     }
 
@@ -326,36 +325,8 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
     /// <summary>A split's labelled records from its shards: <c>{"input_ids":[...],"label":k,...}</c> per line.</summary>
     public async Task<TrainingSet> ReadSplitAsync(PreparedManifest prepared, string split, int classes, CancellationToken cancellationToken)
     {
-        var tokens = new List<int[]>();
-        var labels = new List<int>();
-        foreach (var shard in prepared.Shards.Where(s => s.Split == split))
-        {
-            var blob = storage.BlobAt(shard.Path) ?? throw new InvalidOperationException($"The prepared manifest lists a shard at '{shard.Path}', which is not a container/path.");
-            Stream stream;
-            try
-            {
-                stream = (await blob.DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
-            }
-            catch (RequestFailedException e) when (e.Status == 404)
-            {
-                throw new InvalidOperationException($"The prepared shard {shard.Path} is missing: the prepared dataset was changed after the job was submitted. Preprocess the dataset again.");
-            }
-
-            using var reader = new StreamReader(stream);
-            while (await reader.ReadLineAsync(cancellationToken) is { } line)
-            {
-                using var record = JsonDocument.Parse(line);
-                if (!record.RootElement.TryGetProperty("label", out var label) || label.GetInt32() is var id && (id < 0 || id >= classes))
-                {
-                    continue;
-                }
-
-                tokens.Add([.. record.RootElement.GetProperty("input_ids").EnumerateArray().Select(t => t.GetInt32())]);
-                labels.Add(label.GetInt32());
-            }
-        }
-
-        return new TrainingSet(tokens, null, [.. labels]);
+        var rows = await PreparedSplits.ReadAsync(storage, prepared, split, classes, cancellationToken);
+        return new TrainingSet(rows.Tokens, null, rows.Labels);
     }
 }
 

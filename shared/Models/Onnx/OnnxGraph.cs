@@ -49,6 +49,34 @@ public sealed class OnnxGraph
         return name;
     }
 
+    /// <summary>An int8 (or, with <paramref name="unsigned"/>, uint8: the same bytes) tensor of quantized weights; no dims: a scalar.</summary>
+    public string Int8(string name, sbyte[] values, bool unsigned = false, params long[] dims)
+    {
+        var tensor = new TensorProto { Name = name, DataType = (int)(unsigned ? TensorProto.Types.DataType.Uint8 : TensorProto.Types.DataType.Int8) };
+        tensor.Dims.AddRange(dims);
+        tensor.RawData = ByteString.CopyFrom(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan()));
+        _graph.Initializer.Add(tensor);
+        return name;
+    }
+
+    /// <summary>The values of a float tensor, stored as raw bytes or as float_data.</summary>
+    public static float[] Floats(TensorProto tensor)
+    {
+        if (tensor.DataType != (int)TensorProto.Types.DataType.Float)
+        {
+            throw new ArgumentException($"Tensor {tensor.Name} holds data type {tensor.DataType}, not float.");
+        }
+
+        if (tensor.FloatData.Count > 0)
+        {
+            return [.. tensor.FloatData];
+        }
+
+        var values = new float[tensor.RawData.Length / sizeof(float)];
+        Buffer.BlockCopy(tensor.RawData.ToByteArray(), 0, values, 0, values.Length * sizeof(float));
+        return values;
+    }
+
     /// <summary>An int64 constant tensor (shapes, axes).</summary>
     public string Int64(string name, params long[] values)
     {

@@ -26,7 +26,10 @@ public sealed class CliTests : IAsyncLifetime
         Directory.Delete(_work, recursive: true);
     }
 
-    private async Task<(int ExitCode, string Output, string Error)> PipelineAsync(params string[] args)
+    private Task<(int ExitCode, string Output, string Error)> PipelineAsync(params string[] args) => RunAsync(_azurite.ConnectionString, args);
+
+    /// <summary>Runs the built CLI against a storage account; returns its exit code and what it wrote.</summary>
+    public static async Task<(int ExitCode, string Output, string Error)> RunAsync(string connectionString, params string[] args)
     {
         var cli = Path.Combine(RepoPaths.Root, "cli", "bin", RepoPaths.Configuration, "net10.0", "pipeline.dll");
         var start = new ProcessStartInfo("dotnet") { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
@@ -36,7 +39,7 @@ public sealed class CliTests : IAsyncLifetime
             start.ArgumentList.Add(arg);
         }
 
-        start.Environment["AzureWebJobsStorage"] = _azurite.ConnectionString;
+        start.Environment["AzureWebJobsStorage"] = connectionString;
         start.Environment["NO_COLOR"] = "1";
         using var process = Process.Start(start)!;
         var output = process.StandardOutput.ReadToEndAsync();

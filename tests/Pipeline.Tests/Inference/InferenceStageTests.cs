@@ -49,7 +49,7 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         return $"{StorageNames.Containers.Incoming}/{name}";
     }
 
-    internal static async Task<string> SendInferAsync(TestPipeline pipeline, string modelId, string input, InferenceOptions? options = null, string? runId = null)
+    public static async Task<string> SendInferAsync(TestPipeline pipeline, string modelId, string input, InferenceOptions? options = null, string? runId = null)
     {
         runId ??= Id("run");
         var body = JsonSerializer.SerializeToElement(new InferenceRequest(modelId, input, options), InferenceJson.Default.InferenceRequest);
@@ -59,7 +59,7 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
     }
 
     /// <summary>Delivers every queued inference-shard message once (as the host would); returns how many failed.</summary>
-    internal static async Task<int> DeliverShardsAsync(TestPipeline pipeline)
+    public static async Task<int> DeliverShardsAsync(TestPipeline pipeline)
     {
         var queue = pipeline.Storage.Queue(StorageNames.Queues.InferenceShard);
         var failures = 0;
@@ -86,14 +86,14 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         }
     }
 
-    internal static async Task<InferenceManifest> ManifestAsync(TestPipeline pipeline, RunRecord run)
+    public static async Task<InferenceManifest> ManifestAsync(TestPipeline pipeline, RunRecord run)
     {
         var path = run.GetArtifacts()["inferenceManifest"];
         return (await BlobJson.ReadAsync(pipeline.Storage.Container(StorageNames.Containers.Outputs).GetBlobClient(path[(StorageNames.Containers.Outputs.Length + 1)..]),
             InferenceJson.Default.InferenceManifest, CancellationToken.None))!;
     }
 
-    internal static Task<List<JsonElement>> LinesAsync(TestPipeline pipeline, string path) =>
+    public static Task<List<JsonElement>> LinesAsync(TestPipeline pipeline, string path) =>
         pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, path[(StorageNames.Containers.Outputs.Length + 1)..]);
 
     [Fact]
