@@ -29,9 +29,7 @@ public static class FineTuneBench
     {
         using var azurite = new AzuriteServer();
         await azurite.StartAsync();
-        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
-        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration)
-            .AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).AddSingleton<JobTrainer>().BuildServiceProvider();
+        using var services = BenchServices.Create(azurite, more: s => s.AddSingleton<JobTrainer>());
         var storage = services.GetRequiredService<StorageClients>();
         await storage.EnsureCreatedAsync();
         var fineTune = fineTuneJson is { Length: > 0 } ? JsonNode.Parse(fineTuneJson)!.AsObject() : [];

@@ -44,10 +44,20 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         public long Emails, Phones, IpAddresses;
     }
 
-    public async Task<BuildResult> BuildAsync(
+    /// <summary>Builds the shards into <paramref name="folder"/> of <paramref name="output"/> as block blobs.</summary>
+    public Task<BuildResult> BuildAsync(
         Stream records,
         DatasetManifest dataset,
         BlobContainerClient output,
+        string folder,
+        Func<BuildProgress, ValueTask>? progress,
+        CancellationToken cancellationToken) =>
+        BuildAsync(records, dataset, ShardSink.Blobs(output, options.UploadBlockBytes), folder, progress, cancellationToken);
+
+    public async Task<BuildResult> BuildAsync(
+        Stream records,
+        DatasetManifest dataset,
+        ShardSink output,
         string folder,
         Func<BuildProgress, ValueTask>? progress,
         CancellationToken cancellationToken)

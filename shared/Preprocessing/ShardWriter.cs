@@ -1,8 +1,6 @@
 using System.Buffers;
 using System.Security.Cryptography;
 using System.Text.Json;
-using Azure.Storage.Blobs;
-using Azure.Storage.Blobs.Models;
 
 namespace Pipeline.Preprocessing;
 
@@ -10,7 +8,7 @@ namespace Pipeline.Preprocessing;
 /// Writes one split's shards: JSON Lines of <c>{"input_ids":[...],"label":k,"prompt_length":n,"line":n}</c>,
 /// a new file every <c>shardRecords</c> records, each hashed as it is written.
 /// </summary>
-internal sealed class ShardWriter(BlobContainerClient container, string folder, string split, int shardRecords, int blockBytes) : IAsyncDisposable
+internal sealed class ShardWriter(ShardSink sink, string folder, string split, int shardRecords, int blockBytes) : IAsyncDisposable
 {
     private readonly ArrayBufferWriter<byte> _buffer = new(1 << 20);
     private readonly List<ShardInfo> _shards = [];
@@ -74,7 +72,7 @@ internal sealed class ShardWriter(BlobContainerClient container, string folder, 
     private async ValueTask OpenAsync(CancellationToken cancellationToken)
     {
         var path = $"{folder}{split}-{_shards.Count:00000}.jsonl";
-        _stream = await container.GetBlobClient(path).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = blockBytes }, cancellationToken);
+        _stream = await sink.OpenAsync(path, cancellationToken);
         _hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
         _json = new Utf8JsonWriter(_buffer, new JsonWriterOptions { SkipValidation = true });
         _records = 0;
@@ -99,7 +97,7 @@ internal sealed class ShardWriter(BlobContainerClient container, string folder, 
         await FlushAsync(cancellationToken);
         await _stream.DisposeAsync();
         var path = $"{folder}{split}-{_shards.Count:00000}.jsonl";
-        _shards.Add(new ShardInfo(split, $"{container.Name}/{path}", _records, _tokens, Convert.ToHexStringLower(_hash!.GetHashAndReset())));
+        _shards.Add(new ShardInfo(split, $"{sink.Container}/{path}", _records, _tokens, Convert.ToHexStringLower(_hash!.GetHashAndReset())));
         _hash.Dispose();
         _stream = null;
     }
