@@ -32,7 +32,7 @@ public static class IngestionBench
         // long-running host would have done before its second file.
         {
             var warm = "warm-up.jsonl";
-            var warmBytes = await UploadAsync(incoming.GetBlobClient(warm), 16);
+            var warmBytes = await UploadAsync(incoming.GetBlobClient(warm), Math.Min(16, sizes.Min()));
             var warmEtag = (await incoming.GetBlobClient(warm).GetPropertiesAsync()).Value.ETag.ToString().Trim('"');
             for (var i = 0; i < 8; i++)
             {
