@@ -51,6 +51,57 @@ public sealed class ShardBytesTests(Azurite azurite) : IClassFixture<Azurite>
         }
     }
 
+    [Fact]
+    public async Task Any_shard_sink_receives_the_bytes_the_blobs_get_and_the_manifest_hashes()
+    {
+        using var pipeline = new TestPipeline(azurite);
+        var run = await pipeline.IngestAsync($"{Guid.NewGuid():n}"[..8] + "-sentences.jsonl", Input("sentences"));
+        var dataset = (await pipeline.ManifestAsync(run.DatasetId!))!;
+        var recipe = PreprocessRecipe.From(JsonDocument.Parse("""{"shardRecords":700}""").RootElement);
+        var tokenizers = await TokenizerSource.LoadAsync(azurite.Storage, recipe.Tokenizer, CancellationToken.None);
+        var datasets = azurite.Storage.Container(StorageNames.Containers.Datasets);
+        var builder = new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = 2 });
+
+        var folder = $"sink-{Guid.NewGuid():n}/";
+        await using (var records = (await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync()).Value.Content)
+        {
+            await builder.BuildAsync(records, dataset, datasets, folder, null, CancellationToken.None);
+        }
+
+        var sink = new MemorySink();
+        BuildResult build;
+        await using (var records = (await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync()).Value.Content)
+        {
+            build = await builder.BuildAsync(records, dataset, sink, folder, null, CancellationToken.None);
+        }
+
+        Assert.Equal(["train-00000.jsonl", "train-00001.jsonl", "train-00002.jsonl", "validation-00000.jsonl"], sink.Shards.Keys.Select(k => k[folder.Length..]).Order());
+        foreach (var shard in build.Shards)
+        {
+            Assert.StartsWith("memory/" + folder, shard.Path);
+            var bytes = sink.Shards[shard.Path["memory/".Length..]].ToArray();
+            Assert.Equal(shard.Sha256, Convert.ToHexStringLower(System.Security.Cryptography.SHA256.HashData(bytes)));
+            var blob = (await datasets.GetBlobClient(shard.Path["memory/".Length..]).DownloadContentAsync()).Value.Content.ToArray();
+            Assert.Equal(blob, bytes);
+            Assert.Equal(shard.Records, bytes.Count(b => b == (byte)'\n'));
+        }
+    }
+
+    /// <summary>Shards kept in memory, as a sink other than blobs.</summary>
+    private sealed class MemorySink : ShardSink
+    {
+        public Dictionary<string, MemoryStream> Shards { get; } = [];
+
+        public override string Container => "memory";
+
+        public override ValueTask<Stream> OpenAsync(string path, CancellationToken cancellationToken)
+        {
+            var stream = new MemoryStream();
+            Shards[path] = stream;
+            return ValueTask.FromResult<Stream>(stream);
+        }
+    }
+
     /// <summary>Fixed inputs: canonical records of every kind, with the characters normalization and redaction act on.</summary>
     private static string Input(string name)
     {
