@@ -33,5 +33,20 @@ say "Checking the trainer image's publish (trainer/Dockerfile) and linting the D
 dotnet publish "$ROOT/trainer/Pipeline.Trainer.csproj" -c "$CONFIGURATION" -r linux-x64 --self-contained true -o "$publish_dir/trainer" -nologo -v quiet "${WARNINGS_AS_ERRORS[@]}"
 [[ -x "$publish_dir/trainer/Pipeline.Trainer" && -f "$publish_dir/trainer/libonnxruntime.so" ]] || die "the trainer's self-contained publish lacks Pipeline.Trainer or libonnxruntime.so"
 "$ROOT/node_modules/.bin/dockerfile-utils" lint "$ROOT/trainer/Dockerfile"
+say "Smoke-running every benchmark once at a tiny size (no figures asserted: each must run to its summary line)"
+bench_dll="$ROOT/bench/Pipeline.Bench/bin/$CONFIGURATION/net10.0/Pipeline.Bench.dll"
+smoke_bench() {
+  local last_line=$1 output
+  shift
+  output=$(dotnet "$bench_dll" "$@" 2>&1) || { printf '%s\n' "$output" | tail -n 30; die "the benchmark 'bench -- $*' failed"; }
+  [[ "$(printf '%s\n' "$output" | tail -n 1)" =~ $last_line ]] || { printf '%s\n' "$output" | tail -n 5; die "the benchmark 'bench -- $*' did not end with its summary line"; }
+  echo "  bench -- $*: $(printf '%s\n' "$output" | tail -n 1)"
+}
+smoke_bench '^ingestion/read: [0-9]+\.[0-9]{2}x$' ingest 1
+smoke_bench '^stage/tokenizer: [0-9]+\.[0-9]{2}x on 1 core; stage [0-9]+ cores/1 core: ([0-9]+\.[0-9]{2}|n/a)x \(free sink\)$' preprocess 1500
+smoke_bench '^\| 2,000 \|' neardup 1000 2000
+smoke_bench '^Stage / naive: ' infer 16
+smoke_bench '^Stage / naive: ' infer real 16
+smoke_bench '^\| whole job: ' finetune generated '{"epochs":1}'
 say "Running the tests"
 dotnet test "$ROOT/Pipeline.sln" -c "$CONFIGURATION" --no-build -nologo --logger "console;verbosity=normal" "$@"

@@ -100,9 +100,7 @@ public static class FineTuneBench
     /// <summary>The services the app composes for the stages and the trainer, on the given Azurite.</summary>
     internal static async Task<ServiceProvider> ServicesAsync(AzuriteServer azurite, IDictionary<string, string?>? settings = null)
     {
-        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?>(settings ?? new Dictionary<string, string?>()) { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
-        var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration)
-            .AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).AddSingleton<JobTrainer>().BuildServiceProvider();
+        var services = BenchServices.Create(azurite, settings, more: s => s.AddSingleton<JobTrainer>());
         await services.GetRequiredService<StorageClients>().EnsureCreatedAsync();
         return services;
     }

@@ -30,8 +30,7 @@ public static class InferenceBench
     {
         using var azurite = new AzuriteServer();
         await azurite.StartAsync();
-        var configuration = new ConfigurationBuilder().AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString }).Build();
-        using var services = new ServiceCollection().AddLogging().AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration).BuildServiceProvider();
+        using var services = BenchServices.Create(azurite);
         var storage = services.GetRequiredService<StorageClients>();
         await storage.EnsureCreatedAsync();
 

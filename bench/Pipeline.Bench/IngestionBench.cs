@@ -1,11 +1,10 @@
 using System.Buffers;
 using System.Diagnostics;
+using System.Globalization;
 using System.Text;
 using Azure.Storage.Blobs.Models;
 using Microsoft.Extensions.DependencyInjection;
-using Microsoft.Extensions.Options;
 using Pipeline.Ingestion;
-using Pipeline.Messaging;
 using Pipeline.Runs;
 using Pipeline.Storage;
 using Pipeline.Testing;
@@ -17,8 +16,6 @@ public static class IngestionBench
 {
     public static async Task RunAsync(int[] sizes)
     {
-        // Ingestion throughput and peak memory against the read-only limit, in one process, on one core.
-
         using var azurite = new AzuriteServer();
         await azurite.StartAsync();
         // Azurite on the second core, this process on the first: "one core" for the code under test.
@@ -27,20 +24,21 @@ public static class IngestionBench
             azurite.Process.ProcessorAffinity = 2;
             Process.GetCurrentProcess().ProcessorAffinity = 1;
         }
-        var storage = azurite.Storage;
+        using var services = BenchServices.Create(azurite);
+        var storage = services.GetRequiredService<StorageClients>();
         var incoming = storage.Container(StorageNames.Containers.Incoming);
 
         // Warm-up: let the JIT tier the hot paths up (on one core this takes a few seconds of work), as a
         // long-running host would have done before its second file.
         {
             var warm = "warm-up.jsonl";
-            var warmBytes = await UploadAsync(incoming.GetBlobClient(warm), 16);
+            var warmBytes = await UploadAsync(incoming.GetBlobClient(warm), Math.Min(16, sizes.Min()));
             var warmEtag = (await incoming.GetBlobClient(warm).GetPropertiesAsync()).Value.ETag.ToString().Trim('"');
             for (var i = 0; i < 8; i++)
             {
                 await ReadOnlyAsync(incoming, warm);
                 await CoreOnlyAsync(incoming, warm, warmBytes);
-                await StageAsync(storage, warm, warmEtag, -i);
+                await StageAsync(services, warm, warmEtag, -i);
             }
         }
 
@@ -48,6 +46,8 @@ public static class IngestionBench
         Console.WriteLine();
         Console.WriteLine("| File | Phase | MB/s (best of 3) | ratio to read-only | peak working set |");
         Console.WriteLine("| --- | --- | --- | --- | --- |");
+        // The bar's figure: processing with outputs discarded against the read-only limit, the lowest over the sizes.
+        var processing = double.MaxValue;
         foreach (var sizeMb in sizes)
         {
             var name = $"bench-{sizeMb}mb.jsonl";
@@ -64,9 +64,13 @@ public static class IngestionBench
             Row(sizeMb, "parse + validate + write, outputs discarded", bytes, core, read);
 
             var attempt = 0;
-            var stage = await Measure.BestOfAsync(3, () => StageAsync(storage, name, etag, ++attempt));
+            var stage = await Measure.BestOfAsync(3, () => StageAsync(services, name, etag, ++attempt));
             Row(sizeMb, "full ingestion stage (staging, copy, manifest)", bytes, stage, read);
+            processing = Math.Min(processing, read.Seconds / core.Seconds);
         }
+
+        Console.WriteLine();
+        Console.WriteLine($"ingestion/read: {processing.ToString("F2", CultureInfo.InvariantCulture)}x");
     }
 
     private static void Row(int sizeMb, string phase, long bytes, Measure.Result result, Measure.Result baseline) =>
@@ -138,13 +142,10 @@ public static class IngestionBench
         await new DatasetIngestor(options).RunAsync(stream, name, length, options.Resolve(null), Stream.Null, Stream.Null, null, CancellationToken.None);
     }
 
-    private static async Task StageAsync(StorageClients storage, string name, string etag, int attempt)
+    private static async Task StageAsync(ServiceProvider services, string name, string etag, int attempt)
     {
         // A fresh run id each time, and no existing dataset, so every repetition does the whole work.
-        var services = new ServiceCollection().AddLogging().AddSingleton(storage).AddSingleton<BlobCopier>()
-            .AddSingleton<RunStore>().AddSingleton<RunEvents>().AddSingleton<RunTransitions>().AddSingleton<QueueSender>()
-            .AddSingleton(Options.Create(new IngestionOptions())).AddSingleton<IngestHandler>()
-            .BuildServiceProvider();
+        var storage = services.GetRequiredService<StorageClients>();
         var handler = services.GetRequiredService<IngestHandler>();
         var runId = $"bench-{attempt}-{Guid.NewGuid():n}";
         await handler.IngestAsync(new IngestRequest(StorageNames.Containers.Incoming, name, etag, runId, null), 1, CancellationToken.None);
@@ -160,6 +161,5 @@ public static class IngestionBench
         {
             await datasets.DeleteBlobAsync(blob.Name);
         }
-
     }
 }

@@ -24,16 +24,49 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 {
     private const int ExcerptChars = 120;
     private static readonly ThreadLocal<List<int>> WorkerIds = new(() => new List<int>(256));
+    private static readonly ThreadLocal<XxHash3> WorkerKeys = new(() => new XxHash3());
 
+    /// <summary>
+    /// One batch of records: their lines copied end to end into one reused buffer, and one reused result
+    /// per record, so reading and tokenizing allocate nothing per record beyond what parsing needs.
+    /// </summary>
     private sealed class Batch(int size)
     {
-        public readonly List<(byte[] Bytes, long Line)> Lines = new(size);
+        private byte[] _bytes = new byte[1 << 20];
+        private int _length;
+        private readonly List<(int Offset, int Length)> _lines = new(size);
         public readonly Processed[] Results = [.. Enumerable.Range(0, size).Select(_ => new Processed())];
+
+        public int Count => _lines.Count;
+
+        public ReadOnlySpan<byte> Line(int index) => _bytes.AsSpan(_lines[index].Offset, _lines[index].Length);
+
+        public void Clear()
+        {
+            _lines.Clear();
+            _length = 0;
+        }
+
+        public void Add(ReadOnlySpan<byte> line)
+        {
+            if (_length + line.Length > _bytes.Length)
+            {
+                Array.Resize(ref _bytes, Math.Max(_bytes.Length * 2, _length + line.Length));
+            }
+
+            line.CopyTo(_bytes.AsSpan(_length));
+            _lines.Add((_length, line.Length));
+            _length += line.Length;
+        }
     }
 
     private sealed class Processed
     {
-        public int[]? Ids;
+        /// <summary>False when the record is left out (blank after cleaning).</summary>
+        public bool Kept;
+        /// <summary>The token ids: the first <see cref="Count"/> of a buffer reused from batch to batch.</summary>
+        public int[] Ids = new int[128];
+        public int Count;
         public int? Label;
         public int? PromptLength;
         public bool Truncated;
@@ -42,12 +75,35 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         public string? Text;
         public long Line;
         public long Emails, Phones, IpAddresses;
+
+        public ReadOnlyMemory<int> Tokens => Ids.AsMemory(0, Count);
+
+        public void SetIds(List<int> ids)
+        {
+            if (ids.Count > Ids.Length)
+            {
+                Ids = new int[Math.Max(ids.Count, Ids.Length * 2)];
+            }
+
+            CollectionsMarshal.AsSpan(ids).CopyTo(Ids);
+            Count = ids.Count;
+        }
     }
+
+    /// <summary>Builds the shards into <paramref name="folder"/> of <paramref name="output"/> as block blobs.</summary>
+    public Task<BuildResult> BuildAsync(
+        Stream records,
+        DatasetManifest dataset,
+        BlobContainerClient output,
+        string folder,
+        Func<BuildProgress, ValueTask>? progress,
+        CancellationToken cancellationToken) =>
+        BuildAsync(records, dataset, ShardSink.Blobs(output, options.UploadBlockBytes), folder, progress, cancellationToken);
 
     public async Task<BuildResult> BuildAsync(
         Stream records,
         DatasetManifest dataset,
-        BlobContainerClient output,
+        ShardSink output,
         string folder,
         Func<BuildProgress, ValueTask>? progress,
         CancellationToken cancellationToken)
@@ -56,7 +112,6 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var labelIds = labels.Select((name, id) => (name, id)).ToDictionary(x => x.name, x => x.id, StringComparer.Ordinal);
         var packed = recipe.Packing && labels.Count == 0 && dataset.RecordKind == RecordKinds.Text;
         var cleaner = new TextCleaner(recipe.Normalize, recipe.Redact);
-        using var workerTokenizers = new ThreadLocal<TextTokenizer>(tokenizers.Create);
         var near = recipe.Dedup.Mode == DedupModes.Near ? new NearDuplicateIndex(recipe.Dedup) : null;
         var exact = recipe.Dedup.Mode == DedupModes.Exact ? new HashSet<ulong>() : null;
         var keptExcerpts = new List<(long Line, string Excerpt)>();
@@ -81,8 +136,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         while (!done)
         {
             var batch = batches[current];
-            batch.Lines.Clear();
-            while (batch.Lines.Count < options.BatchRecords)
+            batch.Clear();
+            while (batch.Count < options.BatchRecords)
             {
                 if (!await reader.ReadLineAsync(cancellationToken))
                 {
@@ -92,12 +147,19 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
                 if (!reader.Line.IsEmpty)
                 {
-                    batch.Lines.Add((reader.Line.ToArray(), reader.LineNumber));
+                    batch.Add(reader.Line);
                 }
             }
 
-            Parallel.For(0, batch.Lines.Count, new ParallelOptions { MaxDegreeOfParallelism = options.EffectiveParallelism, CancellationToken = cancellationToken },
-                i => Process(batch.Lines[i].Bytes, batch.Results[i], workerTokenizers.Value!, cleaner, labelIds, near, packed));
+            // Each worker rents a tokenizer of its own for the batch (the pre-tokenizer's regex must not be shared).
+            Parallel.For(0, batch.Count, new ParallelOptions { MaxDegreeOfParallelism = options.EffectiveParallelism, CancellationToken = cancellationToken },
+                tokenizers.Rent,
+                (i, _, tokenizer) =>
+                {
+                    Process(batch.Line(i), batch.Results[i], tokenizer, cleaner, labelIds, near, packed);
+                    return tokenizer;
+                },
+                tokenizers.Return);
 
             await commit;
             commit = Task.Run(() => CommitAsync(batch), cancellationToken);
@@ -108,14 +170,14 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
         async Task CommitAsync(Batch batch)
         {
-            for (var i = 0; i < batch.Lines.Count; i++)
+            for (var i = 0; i < batch.Count; i++)
             {
                 var record = batch.Results[i];
                 stats.RecordsRead++;
                 redactions.Emails += record.Emails;
                 redactions.Phones += record.Phones;
                 redactions.IpAddresses += record.IpAddresses;
-                if (record.Ids is null)
+                if (!record.Kept)
                 {
                     continue;
                 }
@@ -146,7 +208,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 if (packed)
                 {
                     var buffer = packBuffers[toValidation ? 1 : 0];
-                    buffer.AddRange(record.Ids);
+                    buffer.AddRange(record.Tokens.Span);
                     buffer.Add(endOfText);
                     while (buffer.Count >= recipe.MaxSequenceLength)
                     {
@@ -156,9 +218,9 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                     continue;
                 }
 
-                split.Tokens += record.Ids.Length;
-                histogram[Math.Min(record.Ids.Length, histogram.Length - 1)]++;
-                await (toValidation ? validation : train).WriteAsync(record.Ids, record.Label, record.PromptLength, record.Line, cancellationToken);
+                split.Tokens += record.Count;
+                histogram[Math.Min(record.Count, histogram.Length - 1)]++;
+                await (toValidation ? validation : train).WriteAsync(record.Tokens, record.Label, record.PromptLength, record.Line, cancellationToken);
             }
 
             if (progress is not null)
@@ -191,9 +253,9 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         return new BuildResult([.. train.Shards, .. validation.Shards], finalStats, labels, packed);
     }
 
-    private void Process(byte[] line, Processed result, TextTokenizer tokenizer, TextCleaner cleaner, Dictionary<string, int> labelIds, NearDuplicateIndex? near, bool packed)
+    private void Process(ReadOnlySpan<byte> line, Processed result, TextTokenizer tokenizer, TextCleaner cleaner, Dictionary<string, int> labelIds, NearDuplicateIndex? near, bool packed)
     {
-        result.Ids = null;
+        result.Kept = false;
         result.Signature = null;
         result.PromptLength = null;
         result.Label = null;
@@ -245,14 +307,16 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             result.Truncated = tokenizer.Truncate(ids, recipe.MaxSequenceLength);
         }
 
-        result.Ids = [.. ids];
-        var key = new XxHash3();
+        result.SetIds(ids);
+        var key = WorkerKeys.Value!;
+        key.Reset();
         key.Append(MemoryMarshal.AsBytes(rendered.AsSpan()));
         key.Append("\u0001"u8);
         key.Append(MemoryMarshal.AsBytes((record.Label ?? "").AsSpan()));
         result.Key = key.GetCurrentHashAsUInt64();
         result.Signature = near?.Signature(rendered);
         result.Text = rendered;
+        result.Kept = true;
     }
 
     private string RenderChat(List<ChatMessage> messages, TextCleaner cleaner, RedactionCounts counts)
@@ -332,7 +396,9 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var stratum = record.Label ?? -1;
         var (n, v) = seen.GetValueOrDefault(stratum);
         var expected = recipe.ValidationFraction * (n + 1);
-        var u = XxHash3.HashToUInt64(BitConverter.GetBytes(record.Key), recipe.Seed) / (double)ulong.MaxValue;
+        Span<byte> key = stackalloc byte[sizeof(ulong)];
+        BitConverter.TryWriteBytes(key, record.Key);
+        var u = XxHash3.HashToUInt64(key, recipe.Seed) / (double)ulong.MaxValue;
         var toValidation = v + 1 <= Math.Floor(expected) - 1 || (v + 1 <= Math.Ceiling(expected) && u < recipe.ValidationFraction);
         seen[stratum] = (n + 1, v + (toValidation ? 1 : 0));
         return toValidation;
