@@ -1,6 +1,7 @@
 using Microsoft.AspNetCore.Http;
 using Microsoft.Azure.Functions.Worker;
 using Microsoft.Extensions.Configuration;
+using Microsoft.Extensions.Logging;
 using Pipeline.Inference;
 using Pipeline.Messaging;
 using Pipeline.Runs;
@@ -13,7 +14,7 @@ namespace Pipeline.Functions.Api;
 /// base URL. Anonymous to the host: <see cref="OpenAiApiKeys"/> checks the Bearer key (the Functions host does
 /// not read one as a function key). Each function runs one handler of <see cref="OpenAiApi"/>.
 /// </summary>
-public sealed class OpenAiFunctions(StorageClients storage, RunStore runs, RunTransitions transitions, QueueSender sender, IConfiguration configuration)
+public sealed class OpenAiFunctions(StorageClients storage, RunStore runs, RunTransitions transitions, QueueSender sender, IConfiguration configuration, ILogger<OpenAiFunctions> logger)
 {
     private readonly OpenAiFiles _files = new(storage);
     private readonly OpenAiBatches _batches = new(storage, runs, transitions, sender);
@@ -52,8 +53,8 @@ public sealed class OpenAiFunctions(StorageClients storage, RunStore runs, RunTr
 
     private async Task RespondAsync(HttpRequest request, Func<Task<IResult>> handler)
     {
-        var denied = OpenAiApiKeys.Check(configuration[OpenAiApiKeys.Setting], !string.IsNullOrEmpty(Environment.GetEnvironmentVariable(OpenAiApiKeys.AzureInstanceVariable)),
-            request.Headers.Authorization.FirstOrDefault(), request.Headers["api-key"].FirstOrDefault(), request.Headers["x-functions-key"].FirstOrDefault(), request.Query["code"].FirstOrDefault());
+        var denied = OpenAiApiKeys.Check(configuration[OpenAiApiKeys.Setting], string.Equals(configuration[OpenAiApiKeys.AllowAnonymousSetting], "true", StringComparison.OrdinalIgnoreCase),
+            request.Headers.Authorization.FirstOrDefault(), request.Headers["api-key"].FirstOrDefault(), request.Headers["x-functions-key"].FirstOrDefault());
         IResult result;
         try
         {
@@ -62,6 +63,12 @@ public sealed class OpenAiFunctions(StorageClients storage, RunStore runs, RunTr
         catch (OpenAiApiException e)
         {
             result = OpenAiApi.Error(e);
+        }
+        catch (Exception e) when (!request.HttpContext.RequestAborted.IsCancellationRequested)
+        {
+            // Anything else still answers in OpenAI's error shape, so SDKs report it instead of failing to parse.
+            logger.LogError(e, "The /v1 request {Method} {Path} failed", request.Method, request.Path);
+            result = OpenAiApi.Error(new OpenAiApiException(500, "server_error", "The request failed on the server; try again. If it keeps failing, the function app's logs say why."));
         }
 
         await result.ExecuteAsync(request.HttpContext);

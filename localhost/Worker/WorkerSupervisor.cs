@@ -212,6 +212,12 @@ public sealed class WorkerSupervisor(LocalHostOptions options, IHostApplicationL
             }
         }
 
+        // Locally the /v1 (OpenAI-compatible) routes are open when no keys are set, as func start leaves function keys unchecked.
+        if (Environment.GetEnvironmentVariable("Pipeline__OpenAi__AllowAnonymous") is null && !options.AppSettings.ContainsKey("Pipeline__OpenAi__AllowAnonymous"))
+        {
+            start.Environment["Pipeline__OpenAi__AllowAnonymous"] = "true";
+        }
+
         start.Environment["FUNCTIONS_WORKER_RUNTIME"] = "dotnet-isolated";
         start.Environment["AzureWebJobsScriptRoot"] = options.AppRoot;
         start.Environment["FUNCTIONS_APPLICATION_DIRECTORY"] = options.AppRoot;

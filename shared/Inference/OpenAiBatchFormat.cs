@@ -58,13 +58,21 @@ public static class OpenAiBatchFormat
     /// <summary>What the platform serves, for messages that refuse a URL.</summary>
     public const string ServedDescription = "Pipeline serves POST /v1/embeddings (embedding models) and POST /v1/classifications (classifier models, a Pipeline extension)";
 
-    /// <summary>Whether a JSON line is a batch request (an object with <c>url</c> and <c>body</c>): such a first line makes the whole input one.</summary>
+    /// <summary>
+    /// Whether a JSON line is a batch request: an object with a string <c>custom_id</c>, a string <c>method</c>, a
+    /// <c>url</c> path starting with <c>/</c> and an object <c>body</c>. Such a first line makes the whole input one.
+    /// (A plain record with <c>url</c> and <c>body</c> text fields, as scraped pages often have, is not one.)
+    /// </summary>
     public static bool IsRequestLine(string line)
     {
         try
         {
             using var document = JsonDocument.Parse(line);
-            return document.RootElement is { ValueKind: JsonValueKind.Object } root && root.TryGetProperty("body", out _) && root.TryGetProperty("url", out _);
+            return document.RootElement is { ValueKind: JsonValueKind.Object } root
+                && root.TryGetProperty("body", out var body) && body.ValueKind == JsonValueKind.Object
+                && root.TryGetProperty("url", out var url) && url.ValueKind == JsonValueKind.String && url.GetString()!.StartsWith('/')
+                && root.TryGetProperty("custom_id", out var id) && id.ValueKind == JsonValueKind.String
+                && root.TryGetProperty("method", out var method) && method.ValueKind == JsonValueKind.String;
         }
         catch (JsonException)
         {

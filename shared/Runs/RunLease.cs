@@ -102,7 +102,10 @@ public sealed class RunLease : IAsyncDisposable
             try
             {
                 await Task.Delay(Duration / 3, _stop.Token);
-                await _lease.RenewAsync(cancellationToken: _stop.Token);
+                // Each renewal gets a third of the lease: a hung call must not outlive the lease it renews.
+                using var attempt = CancellationTokenSource.CreateLinkedTokenSource(_stop.Token);
+                attempt.CancelAfter(Duration / 3);
+                await _lease.RenewAsync(cancellationToken: attempt.Token);
                 renewed = DateTimeOffset.UtcNow;
             }
             catch (OperationCanceledException) when (_stop.IsCancellationRequested)
@@ -117,10 +120,11 @@ public sealed class RunLease : IAsyncDisposable
             }
             catch (Exception e) when (e is RequestFailedException or HttpRequestException or IOException or TimeoutException or OperationCanceledException)
             {
-                // A transient storage failure: keep trying while the lease may still be ours.
-                if (DateTimeOffset.UtcNow - renewed >= Duration)
+                // A transient storage failure (or a renewal that timed out): keep trying while the lease is surely ours,
+                // and give up a third of the lease before it could expire, so the work stops before another can take it.
+                if (DateTimeOffset.UtcNow - renewed >= Duration - (Duration / 3))
                 {
-                    await LoseAsync($"renewals failed for {Duration.TotalSeconds:N0} s, so the lease expired ({e.GetType().Name}: {e.Message})");
+                    await LoseAsync($"renewals failed for {(DateTimeOffset.UtcNow - renewed).TotalSeconds:N0} s of the lease's {Duration.TotalSeconds:N0} ({e.GetType().Name}: {e.Message})");
                     return;
                 }
             }

@@ -29,7 +29,13 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
                 return null;
             }
 
-            await StartAsync(initial.RunId, stage, attempt, also, cancellationToken);
+            if (IsDone(await StartAsync(initial.RunId, stage, attempt, also, cancellationToken), stage))
+            {
+                // Cancelled (or finished) between the look and the start: nothing to do.
+                await lease.DisposeAsync();
+                return null;
+            }
+
             return lease;
         }
         catch

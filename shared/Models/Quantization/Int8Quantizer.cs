@@ -242,6 +242,8 @@ public static class QuantizationErrorCodes
     public const string UnsupportedOpset = "UnsupportedOpset";
     public const string ModelNotFound = "ModelNotFound";
     public const string NoValidationData = "NoValidationData";
+    /// <summary>The output id is the source itself, or another model that is not an int8 copy of this source.</summary>
+    public const string OutputTaken = "OutputTaken";
     public const string TokenizerMismatch = "TokenizerMismatch";
 }
 

@@ -33,6 +33,19 @@ public sealed class ModelQuantizer(StorageClients storage, InferenceSettings set
             throw new QuantizationRejectedException(QuantizationErrorCodes.AlreadyQuantized, $"Model '{sourceId}' is already an int8 copy of '{done.SourceModel}'. Quantize '{done.SourceModel}' instead.");
         }
 
+        // The int8 copy never replaces its source, nor a model that is not an int8 copy of this source.
+        var target = outputId ?? sourceId + DefaultSuffix;
+        if (target == sourceId)
+        {
+            throw new QuantizationRejectedException(QuantizationErrorCodes.OutputTaken, $"The int8 copy cannot replace its source '{sourceId}': choose another --output-model (default '{sourceId}{DefaultSuffix}').");
+        }
+
+        if (await BlobJson.ReadAsync(models.GetBlobClient($"{target}/{ModelManifest.FileName}"), ModelJson.Default.ModelManifest, cancellationToken) is { } existing
+            && existing.Quantization?.SourceModel != sourceId)
+        {
+            throw new QuantizationRejectedException(QuantizationErrorCodes.OutputTaken, $"Model '{target}' is registered already and is not an int8 copy of '{sourceId}': choose another --output-model, or remove models/{target}/ first.");
+        }
+
         var folder = source.Tokenizer.Files?.TrimEnd('/') is { Length: > 0 } files && files.StartsWith($"{StorageNames.Containers.Models}/", StringComparison.Ordinal)
             ? files[(StorageNames.Containers.Models.Length + 1)..]
             : sourceId;

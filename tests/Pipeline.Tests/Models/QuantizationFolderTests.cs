@@ -115,6 +115,9 @@ public sealed class QuantizationFolderTests(Azurite azurite) : IClassFixture<Azu
 
         var twice = await Assert.ThrowsAsync<QuantizationRejectedException>(() => quantizer.QuantizeAsync(int8.ModelId, "again", prepared, null, CancellationToken.None));
         Assert.Equal(QuantizationErrorCodes.AlreadyQuantized, twice.Code);
+        // The copy never replaces its source.
+        var over = await Assert.ThrowsAsync<QuantizationRejectedException>(() => quantizer.QuantizeAsync(StarterModel.ModelId, StarterModel.ModelId, prepared, null, CancellationToken.None));
+        Assert.Equal(QuantizationErrorCodes.OutputTaken, over.Code);
         var missing = await Assert.ThrowsAsync<QuantizationRejectedException>(() => quantizer.QuantizeAsync("no-such-model", null, prepared, null, CancellationToken.None));
         Assert.Equal(QuantizationErrorCodes.ModelNotFound, missing.Code);
 

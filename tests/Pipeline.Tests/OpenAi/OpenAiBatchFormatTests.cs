@@ -188,14 +188,27 @@ public sealed class OpenAiBatchFormatTests(Azurite azurite) : IClassFixture<Azur
     }
 
     [Fact]
-    public void Api_keys_are_checked_as_bearer_tokens_and_required_in_azure()
+    public void Api_keys_are_checked_as_bearer_tokens_and_required_unless_anonymous_is_allowed()
     {
-        Assert.Null(OpenAiApiKeys.Check(null, inAzure: false, authorization: null));
-        Assert.Equal("api_keys_not_configured", OpenAiApiKeys.Check(null, inAzure: true, "Bearer anything")!.Code);
-        Assert.Null(OpenAiApiKeys.Check("old-key; sk-live", inAzure: true, "Bearer sk-live"));
-        Assert.Null(OpenAiApiKeys.Check("sk-live", inAzure: true, null, "sk-live"));
-        Assert.Equal("invalid_api_key", OpenAiApiKeys.Check("sk-live", inAzure: false, "Bearer sk-wrong")!.Code);
-        Assert.Equal(401, OpenAiApiKeys.Check("sk-live", inAzure: false, null, null, null)!.Status);
-        Assert.Equal("missing_api_key", OpenAiApiKeys.Check("sk-live", inAzure: false, "Basic abc")!.Code);
+        Assert.Null(OpenAiApiKeys.Check(null, allowAnonymous: true, authorization: null));
+        Assert.Equal("api_keys_not_configured", OpenAiApiKeys.Check(null, allowAnonymous: false, "Bearer anything")!.Code);
+        Assert.Null(OpenAiApiKeys.Check("old-key; sk-live", allowAnonymous: false, "Bearer sk-live"));
+        Assert.Null(OpenAiApiKeys.Check("sk-live", allowAnonymous: false, null, "sk-live"));
+        Assert.Equal("invalid_api_key", OpenAiApiKeys.Check("sk-live", allowAnonymous: true, "Bearer sk-wrong")!.Code);
+        Assert.Equal(401, OpenAiApiKeys.Check("sk-live", allowAnonymous: true, null, null, null)!.Status);
+        Assert.Equal("missing_api_key", OpenAiApiKeys.Check("sk-live", allowAnonymous: true, "Basic abc")!.Code);
+        // A key that is a prefix of the real one, or the real one with more after it, is not it.
+        Assert.Equal("invalid_api_key", OpenAiApiKeys.Check("sk-live", allowAnonymous: false, "Bearer sk-liv")!.Code);
+        Assert.Equal("invalid_api_key", OpenAiApiKeys.Check("sk-live", allowAnonymous: false, "Bearer sk-live2")!.Code);
+    }
+
+    [Fact]
+    public void Plain_records_with_url_and_body_fields_are_not_taken_for_batch_requests()
+    {
+        Assert.True(OpenAiBatchFormat.IsRequestLine("""{"custom_id":"r1","method":"POST","url":"/v1/embeddings","body":{"input":"x"}}"""));
+        // A scraped page: its url is a web address and its body is the text to score.
+        Assert.False(OpenAiBatchFormat.IsRequestLine("""{"id":"1","url":"https://example.com/a","body":"article text"}"""));
+        Assert.False(OpenAiBatchFormat.IsRequestLine("""{"custom_id":"r1","url":"/v1/embeddings","body":"text"}"""));
+        Assert.False(OpenAiBatchFormat.IsRequestLine("""{"url":"/v1/embeddings","body":{"input":"x"}}"""));
     }
 }
