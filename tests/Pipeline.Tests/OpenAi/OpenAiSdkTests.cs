@@ -26,6 +26,7 @@ public sealed class OpenAiHost : IAsyncLifetime
     private readonly Azurite _azurite = new();
 
     public TestPipeline Pipeline { get; private set; } = null!;
+    public string ConnectionString => _azurite.ConnectionString;
     public LocalHostProcess Host { get; private set; } = null!;
     public HttpClient Http { get; private set; } = null!;
 
@@ -60,6 +61,7 @@ public sealed class OpenAiSdkTests(OpenAiHost fixture) : IClassFixture<OpenAiHos
     private readonly TestPipeline _pipeline = fixture.Pipeline;
     private readonly LocalHostProcess _host = fixture.Host;
     private readonly HttpClient _http = fixture.Http;
+    private readonly string _connectionString = fixture.ConnectionString;
     private readonly OpenAIFileClient _files = Client(fixture.Host.Port, Key).GetOpenAIFileClient();
     private readonly BatchClient _batches = Client(fixture.Host.Port, Key).GetBatchClient();
 
@@ -94,6 +96,13 @@ public sealed class OpenAiSdkTests(OpenAiHost fixture) : IClassFixture<OpenAiHos
 
     private static float[] Floats(JsonElement array) => [.. array.EnumerateArray().Select(v => v.GetSingle())];
 
+    /// <summary>Every embedding of an output file in order, base64 ones decoded.</summary>
+    private static List<float[]> VectorsOf(List<JsonElement> output) =>
+        [.. output.SelectMany(line => line.GetProperty("response").GetProperty("body").GetProperty("data").EnumerateArray()).Select(item =>
+            item.GetProperty("embedding").ValueKind == JsonValueKind.String
+                ? System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(Convert.FromBase64String(item.GetProperty("embedding").GetString()!)).ToArray()
+                : Floats(item.GetProperty("embedding")))];
+
     [Fact]
     public async Task A_batch_submitted_with_the_sdk_returns_the_embeddings_the_inference_stage_computes()
     {
@@ -121,41 +130,38 @@ public sealed class OpenAiSdkTests(OpenAiHost fixture) : IClassFixture<OpenAiHos
         Assert.Equal(FilePurpose.BatchOutput, (await _files.GetFileAsync(outputFileId)).Value.Purpose);
         var output = Lines((await _files.DownloadFileAsync(outputFileId)).Value);
 
-        // The same sentences through the inference stage's own JSONL input (what `pipeline infer` sends).
-        var plain = "outputs/plain/rows.jsonl";
-        await _pipeline.Storage.Container(StorageNames.Containers.Outputs).GetBlobClient("plain/rows.jsonl").UploadAsync(
-            new BinaryData(Encoding.UTF8.GetBytes(InferenceStageTests.Jsonl(sentences))), overwrite: true);
-        var envelope = JsonSerializer.Serialize(new MessageEnvelope
-        {
-            Type = MessageTypes.Infer,
-            RunId = "run-plain",
-            Body = JsonSerializer.SerializeToElement(new InferenceRequest(StarterModel.ModelId, plain), InferenceJson.Default.InferenceRequest),
-        }, PipelineJson.Default.MessageEnvelope);
-        await _pipeline.Storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(envelope);
-        var run = await Eventually.ReturnsAsync(async () => await _pipeline.Runs.GetAsync("run-plain") is { } r && RunStatus.IsFinal(r.Status) ? r : null,
-            TimeSpan.FromSeconds(120), "the plain run to finish", () => _host.Output);
-        Assert.Equal(RunStatus.Succeeded, run.Status);
-        var expected = (await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, run.GetArtifacts()["results"]["outputs/".Length..]))
+        // The same sentences scored by `pipeline infer` from a plain JSONL (custom_id, text), and the very same request file.
+        var work = Directory.CreateTempSubdirectory("pipeline-openai-").FullName;
+        var plainFile = Path.Combine(work, "rows.jsonl");
+        var requestFile = Path.Combine(work, "requests.jsonl");
+        await File.WriteAllTextAsync(plainFile, InferenceStageTests.Jsonl(sentences));
+        await File.WriteAllTextAsync(requestFile, string.Join('\n', requests) + "\n");
+        var plain = await Cli.CliTests.RunAsync(_connectionString, "infer", "--model", StarterModel.ModelId, plainFile, "--wait", "--timeout", "150", "-o", "json");
+        Assert.True(plain.ExitCode == 0, plain.Output + plain.Error);
+        var plainRun = JsonDocument.Parse(plain.Output).RootElement;
+        var expected = (await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, plainRun.GetProperty("artifacts").GetProperty("results").GetString()!["outputs/".Length..]))
             .ToDictionary(r => r.GetProperty("custom_id").GetString()!, r => Floats(r.GetProperty("embedding")));
+        var same = await Cli.CliTests.RunAsync(_connectionString, "infer", "--model", StarterModel.ModelId, requestFile, "--wait", "--timeout", "150", "-o", "json");
+        Assert.True(same.ExitCode == 0, same.Output + same.Error);
+        var sameOutput = await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs,
+            JsonDocument.Parse(same.Output).RootElement.GetProperty("artifacts").GetProperty("openAiOutput").GetString()!["outputs/".Length..]);
+        Directory.Delete(work, recursive: true);
+        Assert.Equal(output.Select(o => o.GetProperty("custom_id").GetString()), sameOutput.Select(o => o.GetProperty("custom_id").GetString()));
+        Assert.Equal(output.Select(o => o.GetProperty("response").GetProperty("body").GetProperty("usage").GetRawText()),
+            sameOutput.Select(o => o.GetProperty("response").GetProperty("body").GetProperty("usage").GetRawText()));
+        var sameVectors = VectorsOf(sameOutput);
 
         Assert.Equal(requests.Count, output.Count);
         Assert.Equal([.. Enumerable.Range(0, 20).Select(i => $"request-{i}"), "request-array", "request-base64"], output.Select(o => o.GetProperty("custom_id").GetString()));
-        var vectors = new List<float[]>();
         foreach (var line in output)
         {
             var response = line.GetProperty("response");
             Assert.Equal(200, response.GetProperty("status_code").GetInt32());
-            var body = response.GetProperty("body");
-            Assert.Equal(StarterModel.ModelId, body.GetProperty("model").GetString());
-            Assert.True(body.GetProperty("usage").GetProperty("prompt_tokens").GetInt32() > 0);
-            foreach (var item in body.GetProperty("data").EnumerateArray())
-            {
-                vectors.Add(item.GetProperty("embedding").ValueKind == JsonValueKind.String
-                    ? System.Runtime.InteropServices.MemoryMarshal.Cast<byte, float>(Convert.FromBase64String(item.GetProperty("embedding").GetString()!)).ToArray()
-                    : Floats(item.GetProperty("embedding")));
-            }
+            Assert.Equal(StarterModel.ModelId, response.GetProperty("body").GetProperty("model").GetString());
+            Assert.True(response.GetProperty("body").GetProperty("usage").GetProperty("prompt_tokens").GetInt32() > 0);
         }
 
+        var vectors = VectorsOf(output);
         Assert.Equal(sentences.Count, vectors.Count);
         for (var i = 0; i < sentences.Count; i++)
         {
@@ -164,6 +170,7 @@ public sealed class OpenAiSdkTests(OpenAiHost fixture) : IClassFixture<OpenAiHos
             // Rows share padded batches differently in the two runs: the same vector to float rounding.
             Assert.True(want.Zip(vectors[i]).Max(p => Math.Abs(p.First - p.Second)) < 1e-4, $"sentence {i} differs from the inference stage's embedding");
             Assert.Equal(1.0, Math.Sqrt(vectors[i].Sum(v => (double)v * v)), 3);
+            Assert.True(sameVectors[i].Zip(vectors[i]).Max(p => Math.Abs(p.First - p.Second)) < 1e-5, $"sentence {i}: `pipeline infer` on the same file gives another vector");
         }
 
         // Pipeline's own view of the same batch: its run and inference batch, for `pipeline status` and `--retry-failed`.
