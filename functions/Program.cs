@@ -21,12 +21,7 @@ ThreadPool.GetMinThreads(out var minWorkers, out var minIo);
 ThreadPool.SetMinThreads(Math.Max(minWorkers, Environment.ProcessorCount * 4), minIo);
 
 builder.Services
-    .AddPipelineStorage(builder.Configuration)
-    .AddPipelineRuns()
-    .AddIngestion(builder.Configuration)
-    .AddPreprocessing(builder.Configuration)
-    .AddInference(builder.Configuration)
-    .AddFineTuning(builder.Configuration)
+    .AddPipeline(builder.Configuration)
     .AddSingleton<QueueInvocation>();
 
 // Logs and traces: OpenTelemetry, exported to Application Insights when a connection string is set;

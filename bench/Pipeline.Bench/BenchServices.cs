@@ -21,12 +21,7 @@ public static class BenchServices
             .AddInMemoryCollection(settings ?? new Dictionary<string, string?>())
             .Build();
         var services = new ServiceCollection().AddLogging()
-            .AddPipelineStorage(configuration)
-            .AddPipelineRuns()
-            .AddIngestion(configuration)
-            .AddPreprocessing(configuration)
-            .AddInference(configuration)
-            .AddFineTuning(configuration);
+            .AddPipeline(configuration);
         more?.Invoke(services);
         return services.BuildServiceProvider();
     }

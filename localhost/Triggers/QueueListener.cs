@@ -4,6 +4,7 @@ using Azure.Storage.Queues.Models;
 using Microsoft.Extensions.Logging;
 using Pipeline.Hosting;
 using Pipeline.LocalHost.Worker;
+using Pipeline.Storage;
 
 namespace Pipeline.LocalHost.Triggers;
 

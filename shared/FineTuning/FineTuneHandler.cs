@@ -594,7 +594,7 @@ public sealed class FineTuneHandler(
         if (infer is not null)
         {
             await sender.SendAsync(StorageNames.Queues.Inference, MessageTypes.Inference, job.RunId, infer with { ModelId = job.OutputModelId },
-                InferenceJson.Default.InferenceRequest, cancellationToken: cancellationToken);
+                InferenceCommandJson.Default.InferenceRequest, cancellationToken: cancellationToken);
         }
 
         await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);

@@ -98,7 +98,7 @@ public sealed class InferenceHandler(
     {
         request.Options?.Validate();
         var model = await models.GetAsync(request.ModelId, cancellationToken);
-        var options = (request.Options ?? new InferenceOptions()).Resolved(models.Settings);
+        var options = (request.Options ?? new InferenceOptions()).Resolved(models.Settings.MaxTokensPerBatch);
         var input = storage.BlobAt(request.Input)
             ?? throw new InferenceRejectedException(InferenceErrorCodes.InputNotFound, $"The input '{request.Input}' is not a blob path: name it as container/blob, for example \"incoming/to-score.jsonl\".");
         BlobProperties properties;

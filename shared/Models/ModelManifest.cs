@@ -103,6 +103,3 @@ public sealed record QuantizationAgreement
 [JsonSerializable(typeof(ModelManifest))]
 [JsonSerializable(typeof(List<ModelManifest>))]
 public sealed partial class ModelJson : JsonSerializerContext;
-
-/// <summary>A model folder that cannot be used; the message says what is missing or wrong.</summary>
-public sealed class ModelRejectedException(string message) : Exception(message);

@@ -25,7 +25,7 @@ public sealed class PreprocessHandler(
     IOptions<IngestionOptions> ingestionOptions,
     ILogger<PreprocessHandler> logger)
 {
-    public static string Folder(string datasetId, string preparedId) => $"{datasetId}/prepared/{preparedId}/";
+    public static string Folder(string datasetId, string preparedId) => PreparedPaths.Folder(datasetId, preparedId);
 
     /// <summary>Handles a <c>preprocess</c> message (from ingestion, or a command).</summary>
     public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)

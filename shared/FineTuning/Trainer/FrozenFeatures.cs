@@ -34,7 +34,7 @@ public sealed class FrozenFeatures(StorageClients storage, InferenceSettings set
 
     public async Task<FeatureSet> GetAsync(JobSpec spec, ModelManifest baseManifest, ModelProto baseModel, Pooling pooling, List<int[]> train, List<int[]> validation, CancellationToken cancellationToken)
     {
-        var path = $"{PreprocessHandler.Folder(spec.DatasetId, spec.PreparedId)}features/{Key(spec.BaseModel, baseManifest.CreatedAt, pooling, baseManifest.MaxSequenceLength)}.bin";
+        var path = $"{PreparedPaths.Folder(spec.DatasetId, spec.PreparedId)}features/{Key(spec.BaseModel, baseManifest.CreatedAt, pooling, baseManifest.MaxSequenceLength)}.bin";
         var blob = storage.Container(StorageNames.Containers.Datasets).GetBlobClient(path);
         var location = $"{StorageNames.Containers.Datasets}/{path}";
         var clock = Stopwatch.StartNew();

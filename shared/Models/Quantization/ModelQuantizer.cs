@@ -61,7 +61,7 @@ public sealed class ModelQuantizer(StorageClients storage, InferenceSettings set
 
         Int8Quantizer.EnsureQuantizable(ModelProto.Parser.ParseFrom(onnx));
         var path = preparedManifest
-            ?? (source.Lineage is { DatasetId: { } datasetId, PreparedId: { } preparedId } ? $"{StorageNames.Containers.Datasets}/{PreprocessHandler.Folder(datasetId, preparedId)}manifest.json" : null)
+            ?? (source.Lineage is { DatasetId: { } datasetId, PreparedId: { } preparedId } ? $"{StorageNames.Containers.Datasets}/{PreparedPaths.Folder(datasetId, preparedId)}manifest.json" : null)
             ?? throw new QuantizationRejectedException(QuantizationErrorCodes.NoValidationData,
                 $"Model '{sourceId}' was not trained on a prepared dataset here, so there is no validation split to measure the int8 copy on. Pass --validation datasets/<datasetId>/prepared/<preparedId>/manifest.json (a dataset prepared with this model's tokenizer).");
         var prepared = (storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, PreprocessJson.Default.PreparedManifest, cancellationToken) : null)

@@ -65,7 +65,7 @@ public sealed class RealEncoderFineTuneTests(Azurite azurite) : IClassFixture<Az
         using (pipeline)
         {
             var (first, firstStatus) = await train("""{"baseModel":"all-minilm-l6-v2","outputModelId":"real-cache-a"}""", "run-real-cache-a");
-            var features = await pipeline.ListAsync(StorageNames.Containers.Datasets, PreprocessHandler.Folder(first.DatasetId, first.PreparedId) + "features/");
+            var features = await pipeline.ListAsync(StorageNames.Containers.Datasets, PreparedPaths.Folder(first.DatasetId, first.PreparedId) + "features/");
             var cached = Assert.Single(features);
             var written = (await pipeline.Storage.Container(StorageNames.Containers.Datasets).GetBlobClient(cached).GetPropertiesAsync()).Value.LastModified;
 
@@ -79,7 +79,7 @@ public sealed class RealEncoderFineTuneTests(Azurite azurite) : IClassFixture<Az
             // Another pooling is another set of features.
             var (_, clsStatus) = await train("""{"baseModel":"all-minilm-l6-v2","pooling":"cls","outputModelId":"real-cache-cls"}""", "run-real-cache-cls");
             Assert.Equal(0.0, clsStatus.Metrics["featureCacheHit"]);
-            Assert.Equal(2, (await pipeline.ListAsync(StorageNames.Containers.Datasets, PreprocessHandler.Folder(first.DatasetId, first.PreparedId) + "features/")).Count);
+            Assert.Equal(2, (await pipeline.ListAsync(StorageNames.Containers.Datasets, PreparedPaths.Folder(first.DatasetId, first.PreparedId) + "features/")).Count);
 
             // The registered classifier is the merged graph the trainer checked against its own probabilities.
             var model = (await BlobJson.ReadAsync(pipeline.Storage.Container(StorageNames.Containers.Models).GetBlobClient("real-cache-b/model.json"), ModelJson.Default.ModelManifest, CancellationToken.None))!;

@@ -1,5 +1,6 @@
 using Microsoft.Extensions.Configuration;
 using Pipeline.Hosting;
+using Pipeline.Storage;
 using Pipeline.Tests.Infrastructure;
 
 namespace Pipeline.Tests.Hosting;

@@ -297,7 +297,7 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         var input = await UploadAsync($"{Id("in")}.jsonl", Jsonl(Sentences.Take(30)));
         var options = new InferenceOptions { RowsPerShard = 10 };
         var properties = (await pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(input["incoming/".Length..]).GetPropertiesAsync()).Value;
-        var batchId = InferenceHandler.BatchIdFor(modelId, model.CreatedAt, input, InferenceHandler.VersionOf(properties), options.Resolved(new InferenceSettings()));
+        var batchId = InferenceHandler.BatchIdFor(modelId, model.CreatedAt, input, InferenceHandler.VersionOf(properties), options.Resolved(new InferenceSettings().MaxTokensPerBatch));
 
         // Storage refuses shard 1's results while another party holds a lease on the blob: that shard fails.
         var blocked = pipeline.Storage.Container(StorageNames.Containers.Outputs).GetBlobClient($"{batchId}/shards/00001/results.jsonl");

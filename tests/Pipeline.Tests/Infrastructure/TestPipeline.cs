@@ -24,7 +24,7 @@ public sealed class TestPipeline : IDisposable
             .AddInMemoryCollection(settings ?? new Dictionary<string, string?>())
             .Build();
         var services = new ServiceCollection().AddLogging();
-        services.AddPipelineStorage(configuration).AddPipelineRuns().AddIngestion(configuration).AddPreprocessing(configuration).AddInference(configuration).AddFineTuning(configuration);
+        services.AddPipeline(configuration);
         if (configure is not null)
         {
             services.PostConfigure(configure);

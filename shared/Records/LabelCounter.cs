@@ -7,7 +7,7 @@ namespace Pipeline.Ingestion;
 /// Counts records per label from the label's bytes, allocating only when a new label appears (labels are
 /// few; records are many). At most <see cref="MaxLabels"/> distinct labels are counted.
 /// </summary>
-internal sealed class LabelCounter(bool jsonEncoded)
+public sealed class LabelCounter(bool jsonEncoded)
 {
     public const int MaxLabels = 1000;
     private readonly List<(byte[] Key, long Count)> _labels = [];

@@ -92,6 +92,12 @@ public sealed record PreparedManifest
     public required Dictionary<string, double> TimingsMs { get; init; }
 }
 
+/// <summary>Where a prepared dataset lives in the <c>datasets</c> container.</summary>
+public static class PreparedPaths
+{
+    public static string Folder(string datasetId, string preparedId) => $"{datasetId}/prepared/{preparedId}/";
+}
+
 /// <summary>Body of a <c>finetune</c> message: the prepared dataset and the run spec.</summary>
 public sealed record FineTuneRequest(string DatasetId, string PreparedId, string PreparedManifest, RunSpec? Spec = null);
 

@@ -7,7 +7,7 @@ namespace Pipeline.Preprocessing;
 /// a record may still hold); it has no decomposition, combining class 0 and composes with nothing, so it
 /// stays as it is and the text on each side of it is normalized on its own, which gives the same result.
 /// </summary>
-internal static class UnicodeNormalization
+public static class UnicodeNormalization
 {
     private const char NonCharacter = '\uFFFE';
 

@@ -11,7 +11,7 @@ namespace Pipeline.Ingestion;
 /// beyond a comma flag per nesting level. Strings from CSV and text files are escaped with the relaxed
 /// encoder (UTF-8 kept as is).
 /// </summary>
-internal sealed class CanonicalRecordWriter
+public sealed class CanonicalRecordWriter
 {
     private static readonly JavaScriptEncoder Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping;
     private byte[] _buffer = new byte[4096];

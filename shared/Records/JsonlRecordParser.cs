@@ -9,7 +9,7 @@ namespace Pipeline.Ingestion;
 /// <see cref="Utf8JsonReader"/>: string values are copied through in their original (valid) JSON
 /// escaping, so the hot path allocates nothing per record.
 /// </summary>
-internal sealed class JsonlRecordParser
+public sealed class JsonlRecordParser
 {
     private readonly string _kind;
     private readonly byte[] _textName;
@@ -440,7 +440,7 @@ internal sealed class JsonlRecordParser
     };
 }
 
-internal static class Utf8Text
+public static class Utf8Text
 {
     /// <summary>True when the UTF-8 text is empty or only white space.</summary>
     public static bool IsBlank(ReadOnlySpan<byte> utf8)

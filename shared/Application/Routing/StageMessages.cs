@@ -110,7 +110,7 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
         var preparedId = body.PreparedId ?? await NewestPreparedAsync(body.DatasetId, cancellationToken)
             ?? throw new InvalidMessageException($"Dataset {body.DatasetId} has no prepared version: preprocess it first (a preprocess command, or pipeline submit).");
         var spec = new RunSpec { FineTune = body.FineTune ?? JsonDocument.Parse("{}").RootElement.Clone() };
-        var request = new FineTuneRequest(body.DatasetId, preparedId, $"{StorageNames.Containers.Datasets}/{PreprocessHandler.Folder(body.DatasetId, preparedId)}manifest.json", spec);
+        var request = new FineTuneRequest(body.DatasetId, preparedId, $"{StorageNames.Containers.Datasets}/{PreparedPaths.Folder(body.DatasetId, preparedId)}manifest.json", spec);
         await fineTune.HandleAsync(request, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
     }
 

@@ -8,7 +8,7 @@ namespace Pipeline.Ingestion;
 /// CSV (RFC 4180: quoted fields may hold commas, quotes as "" and line breaks) and TSV (IANA: no quoting,
 /// a tab always separates) rows, mapped to text records by column role.
 /// </summary>
-internal sealed class DelimitedRecordParser
+public sealed class DelimitedRecordParser
 {
     private readonly byte _separator;
     private readonly bool _quoted;

@@ -1,7 +1,7 @@
 using Azure.Storage.Queues;
 using Microsoft.Extensions.Configuration;
 
-namespace Pipeline.Hosting;
+namespace Pipeline.Storage;
 
 /// <summary>
 /// <c>host.json</c> <c>extensions.queues</c>, with the Functions host's names, defaults and meaning.
