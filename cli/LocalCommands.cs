@@ -120,9 +120,13 @@ public static class LocalCommands
             var files = new SortedSet<string>(StringComparer.Ordinal);
             foreach (var path in run.GetArtifacts().Values)
             {
-                var slash = path.IndexOf('/');
-                var container = storage.Container(path[..slash]);
-                var prefix = path[(slash + 1)..];
+                if (!BlobPath.TryParse(path, out var artifact))
+                {
+                    continue;
+                }
+
+                var container = storage.Container(artifact.Container);
+                var prefix = artifact.Name;
                 var names = new List<string>();
                 if (prefix.EndsWith('/'))
                 {

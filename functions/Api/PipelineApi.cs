@@ -46,8 +46,7 @@ public static class PipelineApi
         }
 
         var blob = body?.Blob;
-        var slash = blob?.IndexOf('/') ?? -1;
-        if (blob is null || slash <= 0 || slash == blob.Length - 1)
+        if (!BlobPath.TryParse(blob, out var source))
         {
             return Problem(400, "invalid-body", "A blob is required", "Send {\"blob\": \"incoming/<file>\"} naming a file already uploaded to the storage account, and optionally \"spec\": {...}.");
         }
@@ -68,14 +67,14 @@ public static class PipelineApi
         string etag;
         try
         {
-            etag = (await storage.Container(blob[..slash]).GetBlobClient(blob[(slash + 1)..]).GetPropertiesAsync(cancellationToken: ct)).Value.ETag.ToString();
+            etag = (await storage.Blob(source).GetPropertiesAsync(cancellationToken: ct)).Value.ETag.ToString();
         }
         catch (RequestFailedException e) when (e.Status == 404)
         {
             return Problem(400, "blob-not-found", "The blob does not exist", $"'{blob}' is not in this storage account. Upload it first (for example into the incoming container).");
         }
 
-        var runId = RunIds.ForBlob(blob[..slash], blob[(slash + 1)..], etag);
+        var runId = RunIds.ForBlob(source.Container, source.Name, etag);
         var run = await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = blob, SourceETag = etag.Trim('"'), Stage = Stages.Ingest }, ct);
         await sender.SendAsync(StorageNames.Queues.Commands, MessageTypes.Ingest, runId, new IngestCommand(blob, spec), PipelineJson.Default.IngestCommand, cancellationToken: ct);
         return Results.Json(RunView.From(run), ViewJson.Default.RunView, statusCode: StatusCodes.Status202Accepted);

@@ -58,8 +58,13 @@ public sealed class ModelRegistry(StorageClients storage)
             return files;
         }
 
-        var container = storage.Container(folder[..folder.IndexOf('/')]);
-        var prefix = folder[(folder.IndexOf('/') + 1)..].TrimEnd('/') + "/";
+        if (!BlobPath.TryParseFolder(folder, out var location))
+        {
+            throw new ModelRejectedException($"The tokenizer's files are named '{folder}', which is not a 'container/path/' folder.");
+        }
+
+        var container = storage.Container(location.Container);
+        var prefix = location.Name;
         await foreach (var blob in container.GetBlobsAsync(Azure.Storage.Blobs.Models.BlobTraits.None, Azure.Storage.Blobs.Models.BlobStates.None, prefix, cancellationToken))
         {
             var name = blob.Name[prefix.Length..];

@@ -34,11 +34,9 @@ public sealed class StorageClients
     public TableClient Table(string name) => Tables.GetTableClient(name);
 
     /// <summary>The blob a <c>container/path</c> reference names (the form artifacts and messages use), or null when it names none.</summary>
-    public BlobClient? BlobAt(string path)
-    {
-        var slash = path.IndexOf('/');
-        return slash <= 0 || slash == path.Length - 1 ? null : Container(path[..slash]).GetBlobClient(path[(slash + 1)..]);
-    }
+    public BlobClient? BlobAt(string path) => BlobPath.TryParse(path, out var blob) ? Blob(blob) : null;
+
+    public BlobClient Blob(BlobPath path) => Container(path.Container).GetBlobClient(path.Name);
 
     /// <summary>Builds the clients from configuration; <paramref name="messageEncoding"/> follows host.json.</summary>
     public static StorageClients FromConfiguration(IConfiguration configuration, QueueMessageEncoding messageEncoding, string connectionName = ConnectionSetting)

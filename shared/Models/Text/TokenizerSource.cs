@@ -64,9 +64,13 @@ public sealed class TokenizerSource
         }
 
         var folder = spec.Files!.TrimEnd('/') + "/";
-        var slash = folder.IndexOf('/');
-        var container = storage.Container(folder[..slash]);
-        var prefix = folder[(slash + 1)..];
+        if (!BlobPath.TryParseFolder(folder, out var location))
+        {
+            throw new PreprocessingRejectedException(PreprocessErrorCodes.InvalidRecipe, $"The tokenizer's files are '{spec.Files}'; name a folder as 'container/path/', for example 'models/bert-base-uncased/'.");
+        }
+
+        var container = storage.Container(location.Container);
+        var prefix = location.Name;
         string[] wanted = spec.Kind switch
         {
             TokenizerKinds.WordPiece => ["vocab.txt"],
