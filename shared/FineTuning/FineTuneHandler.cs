@@ -46,39 +46,17 @@ public sealed class FineTuneHandler(
     /// <summary>Handles a <c>finetune</c> message or command.</summary>
     public async Task HandleAsync(FineTuneRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
     {
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = runId, ["PreparedId"] = request.PreparedId });
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["PreparedId"] = request.PreparedId });
         var initial = new RunRecord { RunId = runId, Source = $"prepared:{request.PreparedId}", DatasetId = request.DatasetId, Stage = Stages.FineTune, SpecJson = request.Spec is null ? null : JsonSerializer.Serialize(request.Spec, PipelineJson.Default.RunSpec) };
-        await using var lease = await transitions.ClaimAsync(initial, Stages.FineTune, dequeueCount, r =>
+        var stage = new StageRun(initial, Stages.FineTune, dequeueCount, logger)
         {
-            r.DatasetId ??= request.DatasetId;
-            r.SpecJson ??= initial.SpecJson;
-        }, cancellationToken);
-        if (lease is null)
-        {
-            logger.LogInformation("Run {RunId} has finished fine-tuning already (or ended); nothing to do", runId);
-            return;
-        }
-
-        var clock = Stopwatch.StartNew();
-        using var work = lease.Link(cancellationToken);
-        try
-        {
-            await DispatchAsync(request, runId, work.Token);
-        }
-        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-        {
-            throw new LeaseLostException(lease.Holds, lease.LostReason);
-        }
-        catch (FineTuneRejectedException e)
-        {
-            await transitions.FailAsync(runId, Stages.FineTune, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken);
-        }
-        catch (Exception e) when (e is not RunBusyException && !cancellationToken.IsCancellationRequested)
-        {
-            logger.LogWarning(e, "Dispatching the fine-tune of run {RunId} failed on attempt {Attempt}; the host will retry", runId, dequeueCount);
-            await transitions.RetryingAsync(runId, dequeueCount, e);
-            throw;
-        }
+            OnStart = r =>
+            {
+                r.DatasetId ??= request.DatasetId;
+                r.SpecJson ??= initial.SpecJson;
+            },
+        };
+        await transitions.RunStageAsync(stage, (_, token) => DispatchAsync(request, runId, token), cancellationToken);
     }
 
     private async Task DispatchAsync(FineTuneRequest request, string runId, CancellationToken cancellationToken)
@@ -554,14 +532,9 @@ public sealed class FineTuneHandler(
         var runSpec = (await runs.GetAsync(job.RunId, cancellationToken))?.SpecJson is { } specJson ? JsonSerializer.Deserialize(specJson, PipelineJson.Default.RunSpec) : null;
         var infer = FineTuneSpec.From(runSpec?.FineTune).Infer;
         var metrics = model.Manifest.Lineage.Metrics ?? status.Metrics;
-        var (run, changed) = await runs.TryUpdateAsync(job.RunId, r =>
+        // Cancelled while the job trained: the model stays registered, the run stays cancelled.
+        var (_, changed) = await transitions.SucceedAsync(job.RunId, RunEvents.Types.StageSucceeded, r =>
         {
-            if (RunStatus.IsFinal(r.Status))
-            {
-                // Cancelled while the job trained: the model stays registered, the run stays cancelled.
-                return false;
-            }
-
             r.SetStage(Stages.FineTune, RunStatus.Succeeded);
             r.SetMetrics(metrics);
             r.SetCounts(new Dictionary<string, long> { ["fineTuneEpoch"] = status.Epoch, ["fineTuneProgressPercent"] = 100 });
@@ -583,8 +556,6 @@ public sealed class FineTuneHandler(
                 r.Status = RunStatus.Succeeded;
                 r.EndedAt = DateTimeOffset.UtcNow;
             }
-
-            return true;
         }, cancellationToken);
         if (!changed)
         {
@@ -597,7 +568,6 @@ public sealed class FineTuneHandler(
                 InferenceJson.Default.InferenceRequest, cancellationToken: cancellationToken);
         }
 
-        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
         logger.LogInformation("Job {JobId} succeeded: model {ModelId} registered (validation accuracy {Accuracy})", job.JobId, job.OutputModelId, metrics.GetValueOrDefault("validationAccuracy"));
         return JobStates.Succeeded;
     }

@@ -10,7 +10,7 @@ namespace Pipeline.Inference;
 /// Reports a batch's progress from its done markers and, once every shard is done, assembles
 /// <c>outputs/&lt;batchId&gt;/</c> (a retry is merged back into the batch it retried) and ends the run.
 /// </summary>
-internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunEvents events, ModelSessions models, BatchRetry retry, ILogger logger)
+internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunTransitions transitions, ModelSessions models, BatchRetry retry, ILogger logger)
 {
     private const string AssembleLock = "assemble";
 
@@ -170,13 +170,10 @@ internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunE
     public async Task FinishRunAsync(string runId, BatchFiles files, InferenceManifest manifest, CancellationToken cancellationToken)
     {
         var status = manifest.Failed > 0 ? RunStatus.CompletedWithFailures : RunStatus.Succeeded;
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        // A cancelled run stays cancelled; a finished one takes its batch's merged retry.
+        var eventType = status == RunStatus.Succeeded ? RunEvents.Types.StageSucceeded : RunEvents.Types.StageCompletedWithFailures;
+        await transitions.SucceedAsync(runId, eventType, r =>
         {
-            if (r.Status == RunStatus.Cancelled)
-            {
-                return false;
-            }
-
             r.Status = status;
             r.Stage = Stages.Inference;
             r.SetStage(Stages.Inference, status);
@@ -209,11 +206,6 @@ internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunE
             r.ErrorCode = manifest.Failed > 0 ? InferenceHandler.RowsFailedCode : null;
             r.LastError = null;
             r.EndedAt = DateTimeOffset.UtcNow;
-            return true;
-        }, cancellationToken);
-        if (changed)
-        {
-            await events.PublishAsync(status == RunStatus.Succeeded ? RunEvents.Types.StageSucceeded : RunEvents.Types.StageCompletedWithFailures, run, cancellationToken);
-        }
+        }, cancellationToken, reopenFinished: true);
     }
 }

@@ -11,7 +11,7 @@ namespace Pipeline.Inference;
 /// Plans a batch: resumes one already split (or takes over one whose run ended), or cuts its rows into
 /// shards as they stream in and fans out one <c>inference-shard</c> message per shard.
 /// </summary>
-internal sealed class BatchSplitter(StorageClients storage, RunStore runs, QueueSender sender, BatchAssembler assembler, ILogger logger)
+internal sealed class BatchSplitter(StorageClients storage, RunStore runs, RunTransitions transitions, QueueSender sender, BatchAssembler assembler, ILogger logger)
 {
     /// <summary>A redelivery of a batch already split (or finished): nothing is split twice.</summary>
     public async Task<bool> ResumeAsync(BatchPlan batch, string runId, CancellationToken cancellationToken)
@@ -87,16 +87,7 @@ internal sealed class BatchSplitter(StorageClients storage, RunStore runs, Queue
             buffer.ResetWrittenCount();
             first += count;
             count = 0;
-            await runs.UpdateAsync(batch.RunId, r =>
-            {
-                if (r.Status == RunStatus.Cancelled)
-                {
-                    throw new RunCancelledException(r.RunId);
-                }
-
-                r.SetCounts(new Dictionary<string, long> { ["inferenceRowsSplit"] = total, ["inferenceShards"] = shards.Count });
-                return true;
-            }, cancellationToken);
+            await transitions.ProgressAsync(batch.RunId, r => r.SetCounts(new Dictionary<string, long> { ["inferenceRowsSplit"] = total, ["inferenceShards"] = shards.Count }), cancellationToken);
         }
 
         await using var writer = new Utf8JsonWriter(buffer);

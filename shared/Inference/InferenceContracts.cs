@@ -1,4 +1,5 @@
 using System.Text.Json.Serialization;
+using Pipeline.Runs;
 
 namespace Pipeline.Inference;
 
@@ -194,10 +195,7 @@ public static class RowErrorCodes
 }
 
 /// <summary>A batch that can never succeed as asked: the run fails with <see cref="Code"/> and the message.</summary>
-public sealed class InferenceRejectedException(string code, string message) : Exception(message)
-{
-    public string Code { get; } = code;
-}
+public sealed class InferenceRejectedException(string code, string message) : StageRejectedException(code, message);
 
 [JsonSourceGenerationOptions(System.Text.Json.JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull)]
 [JsonSerializable(typeof(InferenceRequest))]

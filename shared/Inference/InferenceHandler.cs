@@ -33,7 +33,6 @@ public sealed class InferenceHandler
     public InferenceHandler(
         StorageClients storage,
         RunStore runs,
-        RunEvents events,
         RunTransitions transitions,
         QueueSender sender,
         ModelSessions models,
@@ -45,8 +44,8 @@ public sealed class InferenceHandler
         this.models = models;
         this.logger = logger;
         retry = new BatchRetry(storage, runs, models);
-        assembler = new BatchAssembler(storage, runs, events, models, retry, logger);
-        splitter = new BatchSplitter(storage, runs, sender, assembler, logger);
+        assembler = new BatchAssembler(storage, runs, transitions, models, retry, logger);
+        splitter = new BatchSplitter(storage, runs, transitions, sender, assembler, logger);
         scorer = new ShardScorer(models, logger);
     }
 
@@ -72,45 +71,8 @@ public sealed class InferenceHandler
         return RunStageAsync(initial, dequeueCount, token => StartRetryAsync(command, runId, token), cancellationToken);
     }
 
-    private async Task RunStageAsync(RunRecord initial, int dequeueCount, Func<CancellationToken, Task> stage, CancellationToken cancellationToken)
-    {
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = initial.RunId });
-        await using var lease = await transitions.ClaimAsync(initial, Stages.Inference, dequeueCount, null, cancellationToken);
-        if (lease is null)
-        {
-            logger.LogInformation("Run {RunId} has finished inference already (or ended); nothing to do", initial.RunId);
-            return;
-        }
-
-        var clock = Stopwatch.StartNew();
-        using var work = lease.Link(cancellationToken);
-        try
-        {
-            await stage(work.Token);
-        }
-        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-        {
-            throw new LeaseLostException(lease.Holds, lease.LostReason);
-        }
-        catch (RunCancelledException)
-        {
-            logger.LogInformation("Run {RunId} was cancelled while its input was split; stopping", initial.RunId);
-        }
-        catch (InferenceRejectedException e)
-        {
-            await transitions.FailAsync(initial.RunId, Stages.Inference, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken);
-        }
-        catch (RunBusyException)
-        {
-            throw;
-        }
-        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
-        {
-            logger.LogWarning(e, "Inference of run {RunId} failed on attempt {Attempt}; the host will retry", initial.RunId, dequeueCount);
-            await transitions.RetryingAsync(initial.RunId, dequeueCount, e);
-            throw;
-        }
-    }
+    private Task RunStageAsync(RunRecord initial, int dequeueCount, Func<CancellationToken, Task> stage, CancellationToken cancellationToken) =>
+        transitions.RunStageAsync(new StageRun(initial, Stages.Inference, dequeueCount, logger), (_, token) => stage(token), cancellationToken);
 
     private async Task StartBatchAsync(InferenceRequest request, string runId, CancellationToken cancellationToken)
     {
@@ -176,20 +138,10 @@ public sealed class InferenceHandler
                 return;
             }
 
-            try
+            var part = new StageRun(new RunRecord { RunId = batch.RunId }, Stages.Inference, dequeueCount, logger) { Part = $"Shard {request.Shard} of {batch.BatchId}" };
+            if (!await transitions.RunPartAsync(part, (_, token) => scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, token), cancellationToken))
             {
-                await scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, cancellationToken);
-            }
-            catch (InferenceRejectedException e)
-            {
-                await transitions.FailAsync(batch.RunId, Stages.Inference, e.Code, e.Message, TimeSpan.Zero, cancellationToken: cancellationToken);
                 return;
-            }
-            catch (Exception e) when (!cancellationToken.IsCancellationRequested)
-            {
-                logger.LogWarning(e, "Shard {Shard} of {BatchId} failed on attempt {Attempt}; the host will retry it", request.Shard, batch.BatchId, dequeueCount);
-                await transitions.RetryingAsync(batch.RunId, dequeueCount, new InvalidOperationException($"Shard {request.Shard} of {batch.BatchId}: {e.Message}", e));
-                throw;
             }
 
             // The progress report has just read the plan and the done markers: assembly decides from the same.

@@ -36,7 +36,7 @@ public sealed class PoisonRecord : ITableEntity
 /// <c>&lt;queue&gt;-poison</c> queues) and invalid ones (rejected at once). Each keeps its reason, and its
 /// run, when it has one, is marked failed with that reason.
 /// </summary>
-public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEvents events, ILogger<FailedMessages> logger)
+public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTransitions transitions, ILogger<FailedMessages> logger)
 {
     public const string PoisonedKind = "poisoned";
     public const string InvalidKind = "invalid";
@@ -174,27 +174,11 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         logger.LogWarning("Message on {Queue} for run {RunId} {Kind}: {Reason}", queue, runId, kind, reason);
     }
 
+    /// <summary>The message's run (created if the message never got as far) fails at the stage it had reached.</summary>
     private async Task FailRunAsync(string runId, string queue, string code, string reason, CancellationToken cancellationToken)
     {
         await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"queue:{queue}", Stage = StageOf(queue) }, cancellationToken);
-        var run = await runs.UpdateAsync(runId, r =>
-        {
-            if (RunStatus.IsFinal(r.Status))
-            {
-                return false;
-            }
-
-            r.Status = RunStatus.Failed;
-            r.SetStage(r.Stage, RunStatus.Failed);
-            r.Error = reason;
-            r.ErrorCode = code;
-            r.EndedAt = DateTimeOffset.UtcNow;
-            return true;
-        }, cancellationToken);
-        if (run.ErrorCode == code && run.Status == RunStatus.Failed)
-        {
-            await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
-        }
+        await transitions.FailAsync(runId, stage: null, code, reason, elapsed: null, cancellationToken: cancellationToken);
     }
 
     private static string StageOf(string queue) => queue switch
