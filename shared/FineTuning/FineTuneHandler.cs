@@ -546,16 +546,7 @@ public sealed class FineTuneHandler(
             r.SetArtifact("metrics", $"{StorageNames.Containers.Jobs}/{job.JobId}/metrics.jsonl");
             r.SetTiming(Stages.FineTune, elapsed);
             r.LastError = null;
-            if (infer is not null)
-            {
-                r.Stage = Stages.Inference;
-                r.SetStage(Stages.Inference, RunStatus.Queued);
-            }
-            else
-            {
-                r.Status = RunStatus.Succeeded;
-                r.EndedAt = DateTimeOffset.UtcNow;
-            }
+            RunTransitions.QueueNextOrEnd(r, infer is not null ? Stages.Inference : null);
         }, cancellationToken);
         if (!changed)
         {

@@ -156,16 +156,7 @@ public sealed class PreprocessHandler(
         var (_, changed) = await transitions.SucceedAsync(runId, RunEvents.Types.StageSucceeded, r =>
         {
             Record(r);
-            if (wantsFineTune)
-            {
-                r.Stage = Stages.FineTune;
-                r.SetStage(Stages.FineTune, RunStatus.Queued);
-            }
-            else
-            {
-                r.Status = RunStatus.Succeeded;
-                r.EndedAt = DateTimeOffset.UtcNow;
-            }
+            RunTransitions.QueueNextOrEnd(r, wantsFineTune ? Stages.FineTune : null);
         }, cancellationToken);
         if (!changed)
         {

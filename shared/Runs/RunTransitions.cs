@@ -183,6 +183,20 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
         return run;
     }
 
+    /// <summary>After a stage's success: the run moves on to <paramref name="next"/> (queued), or ends succeeded when there is none.</summary>
+    public static void QueueNextOrEnd(RunRecord run, string? next)
+    {
+        if (next is not null)
+        {
+            run.Stage = next;
+            run.SetStage(next, RunStatus.Queued);
+            return;
+        }
+
+        run.Status = RunStatus.Succeeded;
+        run.EndedAt = DateTimeOffset.UtcNow;
+    }
+
     /// <summary>A transient failure: kept on the run so that, if the message is poisoned, the run says why.</summary>
     public async Task RetryingAsync(string runId, int attempt, Exception error)
     {
