@@ -13,7 +13,7 @@ namespace Pipeline.Functions;
 /// can never succeed is recorded with its reason and acknowledged. Anything else fails the invocation, so
 /// the host retries it and, after maxDequeueCount, moves it to the poison queue.
 /// </summary>
-public sealed class QueueInvocation(StorageClients storage, FailedMessages failed, ILogger<QueueInvocation> logger)
+public sealed class QueueInvocation(FailedMessages failed, ILogger<QueueInvocation> logger)
 {
     public async Task RunAsync(string queue, string message, string? messageId, Func<CancellationToken, Task> handle, CancellationToken cancellationToken)
     {
@@ -25,9 +25,8 @@ public sealed class QueueInvocation(StorageClients storage, FailedMessages faile
         }
         catch (Exception e) when (e is RunBusyException or LeaseLostException)
         {
-            // Busy, or this instance lost the stage's lease mid-way (whoever holds it now carries on): try again later.
-            await storage.Queue(queue).SendMessageAsync(message, RunLease.RetryAfter, cancellationToken: cancellationToken);
-            logger.LogInformation("Run {RunId} is busy ({Reason}); the {Queue} message waits {Delay}", runId, e.Message, queue, RunLease.RetryAfter);
+            // Busy, or this instance lost the stage's lease mid-way (whoever holds it now carries on): try again later, a bounded number of times.
+            await failed.DeferAsync(queue, message, messageId, e.Message, cancellationToken);
         }
         catch (InvalidMessageException e)
         {

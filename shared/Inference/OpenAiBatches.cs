@@ -80,7 +80,7 @@ public sealed class OpenAiBatches(StorageClients storage, RunStore runs, RunTran
         };
         await BlobJson.WriteAsync(RecordBlob(record.Id), record, OpenAiJson.Default.OpenAiBatchRecord, cancellationToken);
         var run = await runs.GetOrCreateAsync(new RunRecord { RunId = record.Id, Source = input, Stage = Stages.Inference }, cancellationToken);
-        await sender.SendAsync(StorageNames.Queues.Commands, MessageTypes.Infer, record.Id, new InferenceRequest(modelId, input), InferenceJson.Default.InferenceRequest, cancellationToken: cancellationToken);
+        await sender.SendAsync(StorageNames.Queues.Commands, MessageTypes.Infer, record.Id, new InferenceRequest(modelId, input), InferenceCommandJson.Default.InferenceRequest, cancellationToken: cancellationToken);
         return Map(record, run);
     }
 

@@ -21,7 +21,6 @@ public sealed record IngestRequest(string Container, string Blob, string ETag, s
 /// </summary>
 public sealed class IngestHandler(
     StorageClients storage,
-    RunStore runs,
     RunEvents events,
     RunTransitions transitions,
     QueueSender sender,
@@ -74,7 +73,15 @@ public sealed class IngestHandler(
     }
 
     /// <summary>Handles an <c>ingest</c> command naming a blob already in the account (<c>container/path</c>).</summary>
-    public async Task HandleCommandAsync(IngestCommand command, string? runId, int dequeueCount, CancellationToken cancellationToken)
+    public async Task HandleCommandAsync(IngestCommand command, string? runId, int dequeueCount, CancellationToken cancellationToken) =>
+        await IngestAsync(await RequestForAsync(storage, command, runId, cancellationToken), dequeueCount, cancellationToken);
+
+    /// <summary>
+    /// What an <c>ingest</c> command asks for: the current version of the blob it names and its run, which is
+    /// the run a drop of that version makes unless the command names one. A poisoned command finds its run here too.
+    /// </summary>
+    /// <exception cref="InvalidMessageException">The blob is not named as container/path, does not exist, or the spec is invalid.</exception>
+    public static async Task<IngestRequest> RequestForAsync(StorageClients storage, IngestCommand command, string? runId, CancellationToken cancellationToken)
     {
         var slash = command.Blob.IndexOf('/');
         if (slash <= 0 || slash == command.Blob.Length - 1)
@@ -105,49 +112,29 @@ public sealed class IngestHandler(
         }
 
         var etag = properties.Value.ETag.ToString().Trim('"');
-        runId ??= RunIds.ForBlob(container, name, etag);
-        await IngestAsync(new IngestRequest(container, name, etag, runId, command.Spec), dequeueCount, cancellationToken);
+        return new IngestRequest(container, name, etag, runId ?? RunIds.ForBlob(container, name, etag), command.Spec);
     }
 
     public async Task IngestAsync(IngestRequest request, int dequeueCount, CancellationToken cancellationToken)
     {
         var source = $"{request.Container}/{request.Blob}";
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = request.RunId, ["Source"] = source });
-        var initial = new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest };
-        await using var lease = await transitions.ClaimAsync(initial, Stages.Ingest, dequeueCount, also: null, cancellationToken);
-        if (lease is null)
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["Source"] = source });
+        var stage = new StageRun(new RunRecord { RunId = request.RunId, Source = source, SourceETag = request.ETag, Stage = Stages.Ingest }, Stages.Ingest, dequeueCount, logger)
         {
-            logger.LogInformation("Run {RunId} is already ingested or has ended; nothing to do", request.RunId);
-            return;
-        }
-
-        var clock = Stopwatch.StartNew();
-        using var work = lease.Link(cancellationToken);
-        try
+            OnRejected = (e, elapsed) => RejectAsync(request, e.Code, e.Message, result: null, elapsed, cancellationToken),
+            OnCancelled = () => DeleteStagingAsync(request.RunId, CancellationToken.None),
+        };
+        await transitions.RunStageAsync(stage, async (clock, token) =>
         {
-            await RunIngestionAsync(request, clock, work.Token);
-        }
-        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-        {
-            throw new LeaseLostException(lease.Holds, lease.LostReason);
-        }
-        catch (RunCancelledException)
-        {
-            logger.LogInformation("Run {RunId} was cancelled during ingestion; stopping", request.RunId);
-            await DeleteStagingAsync(request.RunId, CancellationToken.None);
-        }
-        catch (Exception e) when (e is IngestionRejectedException or RunSpecException)
-        {
-            var code = e is IngestionRejectedException rejected ? rejected.Code : RejectionCodes.InvalidRunSpec;
-            await RejectAsync(request, code, e.Message, result: null, clock, cancellationToken);
-        }
-        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
-        {
-            // Transient: record why, then let the host retry (and poison the message after maxDequeueCount).
-            logger.LogWarning(e, "Ingestion of {Source} failed on attempt {Attempt}; the host will retry", source, dequeueCount);
-            await transitions.RetryingAsync(request.RunId, dequeueCount, e);
-            throw;
-        }
+            try
+            {
+                await RunIngestionAsync(request, clock, token);
+            }
+            catch (RunSpecException e)
+            {
+                throw new IngestionRejectedException(RejectionCodes.InvalidRunSpec, e.Message);
+            }
+        }, cancellationToken);
     }
 
     private async Task RunIngestionAsync(IngestRequest request, Stopwatch clock, CancellationToken cancellationToken)
@@ -174,22 +161,13 @@ public sealed class IngestHandler(
         {
             var ingestor = new DatasetIngestor(_options);
             result = await ingestor.RunAsync(sourceStream, request.Blob, properties.ContentLength, settings, recordsStream, errorsStream,
-                counts => new ValueTask(runs.UpdateAsync(request.RunId, r =>
-                {
-                    if (r.Status == RunStatus.Cancelled)
-                    {
-                        throw new RunCancelledException(r.RunId);
-                    }
-
-                    r.SetCounts(counts.ToDictionary());
-                    return true;
-                }, cancellationToken)),
+                counts => new ValueTask(transitions.ProgressAsync(request.RunId, r => r.SetCounts(counts.ToDictionary()), cancellationToken)),
                 cancellationToken);
         }
 
         if (result.Rejection(settings) is { } rejection)
         {
-            await RejectAsync(request, rejection.Code, rejection.Message, result, clock, cancellationToken);
+            await RejectAsync(request, rejection.Code, rejection.Message, result, clock.Elapsed, cancellationToken);
             return;
         }
 
@@ -231,14 +209,9 @@ public sealed class IngestHandler(
             new PreprocessRequest(datasetId, $"{StorageNames.Containers.Datasets}/{datasetId}/manifest.json", spec),
             PipelineJson.Default.PreprocessRequest, cancellationToken: cancellationToken);
 
-        var (run, changed) = await runs.TryUpdateAsync(request.RunId, r =>
+        // Cancelled while this delivery ingested: the dataset is kept (content-addressed), the run stays as it is.
+        var (run, changed) = await transitions.SucceedAsync(request.RunId, RunEvents.Types.StageSucceeded, r =>
         {
-            if (RunStatus.IsFinal(r.Status))
-            {
-                // Cancelled while this delivery ingested: the dataset is kept (content-addressed), the run stays as it is.
-                return false;
-            }
-
             r.DatasetId = datasetId;
             r.Stage = Stages.Preprocess;
             r.SetStage(Stages.Ingest, RunStatus.Succeeded);
@@ -251,7 +224,6 @@ public sealed class IngestHandler(
             r.SetTiming(Stages.Ingest, clock.Elapsed);
             r.SpecJson = spec is null ? null : JsonSerializer.Serialize(spec, PipelineJson.Default.RunSpec);
             r.LastError = null;
-            return true;
         }, cancellationToken);
         if (created)
         {
@@ -263,7 +235,6 @@ public sealed class IngestHandler(
             return;
         }
 
-        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
         logger.LogInformation("Ingested {Source} into {DatasetId}: {Valid} valid, {Invalid} invalid of {Read} records ({Reuse})",
             run.Source, datasetId, result.Counts.Valid, result.Counts.Invalid, result.Counts.Read, created ? "new dataset" : "dataset already existed");
     }
@@ -309,7 +280,7 @@ public sealed class IngestHandler(
     private Task<Stream> OpenWriteAsync(BlobClient blob, CancellationToken cancellationToken) =>
         blob.OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = _options.UploadBlockBytes }, cancellationToken);
 
-    private async Task RejectAsync(IngestRequest request, string code, string message, IngestResult? result, Stopwatch clock, CancellationToken cancellationToken)
+    private async Task RejectAsync(IngestRequest request, string code, string message, IngestResult? result, TimeSpan elapsed, CancellationToken cancellationToken)
     {
         var quarantine = storage.Container(StorageNames.Containers.Quarantine);
         var folder = request.RunId;
@@ -342,7 +313,7 @@ public sealed class IngestHandler(
         await BlobJson.WriteAsync(quarantine.GetBlobClient(reportPath), report, PipelineJson.Default.IngestReport, cancellationToken);
         await DeleteStagingAsync(request.RunId, cancellationToken);
 
-        var run = await transitions.FailAsync(request.RunId, Stages.Ingest, code, message, clock.Elapsed, r =>
+        var run = await transitions.FailAsync(request.RunId, Stages.Ingest, code, message, elapsed, r =>
         {
             r.ReportPath = $"{StorageNames.Containers.Quarantine}/{reportPath}";
             r.SetArtifact("quarantine", $"{StorageNames.Containers.Quarantine}/{folder}/");

@@ -18,7 +18,6 @@ namespace Pipeline.Preprocessing;
 public sealed class PreprocessHandler(
     StorageClients storage,
     RunStore runs,
-    RunEvents events,
     RunTransitions transitions,
     QueueSender sender,
     IOptions<PreprocessingOptions> options,
@@ -30,39 +29,10 @@ public sealed class PreprocessHandler(
     /// <summary>Handles a <c>preprocess</c> message (from ingestion, or a command).</summary>
     public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
     {
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = runId, ["DatasetId"] = request.DatasetId });
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["DatasetId"] = request.DatasetId });
         var initial = new RunRecord { RunId = runId, Source = $"dataset:{request.DatasetId}", DatasetId = request.DatasetId, Stage = Stages.Preprocess };
-        await using var lease = await transitions.ClaimAsync(initial, Stages.Preprocess, dequeueCount, r => r.DatasetId = request.DatasetId, cancellationToken);
-        if (lease is null)
-        {
-            logger.LogInformation("Run {RunId} is already preprocessed or has ended; nothing to do", runId);
-            return;
-        }
-
-        var clock = Stopwatch.StartNew();
-        using var work = lease.Link(cancellationToken);
-        try
-        {
-            await PrepareAsync(request, runId, clock, work.Token);
-        }
-        catch (OperationCanceledException) when (lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
-        {
-            throw new LeaseLostException(lease.Holds, lease.LostReason);
-        }
-        catch (RunCancelledException)
-        {
-            logger.LogInformation("Run {RunId} was cancelled during preprocessing; stopping", runId);
-        }
-        catch (PreprocessingRejectedException e)
-        {
-            await transitions.FailAsync(runId, Stages.Preprocess, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken);
-        }
-        catch (Exception e) when (!cancellationToken.IsCancellationRequested)
-        {
-            logger.LogWarning(e, "Preprocessing of {DatasetId} failed on attempt {Attempt}; the host will retry", request.DatasetId, dequeueCount);
-            await transitions.RetryingAsync(runId, dequeueCount, e);
-            throw;
-        }
+        var stage = new StageRun(initial, Stages.Preprocess, dequeueCount, logger) { OnStart = r => r.DatasetId = request.DatasetId };
+        await transitions.RunStageAsync(stage, (clock, token) => PrepareAsync(request, runId, clock, token), cancellationToken);
     }
 
     private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
@@ -91,16 +61,8 @@ public sealed class PreprocessHandler(
                     if (lastProgress.Elapsed >= ingestionOptions.Value.ProgressInterval)
                     {
                         lastProgress.Restart();
-                        await runs.UpdateAsync(runId, r =>
-                        {
-                            if (r.Status == RunStatus.Cancelled)
-                            {
-                                throw new RunCancelledException(r.RunId);
-                            }
-
-                            r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens });
-                            return true;
-                        }, cancellationToken);
+                        await transitions.ProgressAsync(runId,
+                            r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens }), cancellationToken);
                     }
                 }, cancellationToken);
             }
@@ -190,34 +152,17 @@ public sealed class PreprocessHandler(
                 PreprocessJson.Default.FineTuneRequest, cancellationToken: cancellationToken);
         }
 
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        // Cancelled (or ended by another delivery) while this one prepared: the run stays as it is.
+        var (_, changed) = await transitions.SucceedAsync(runId, RunEvents.Types.StageSucceeded, r =>
         {
-            if (RunStatus.IsFinal(r.Status))
-            {
-                // Cancelled (or ended by another delivery) while this one prepared: the run stays as it is.
-                return false;
-            }
-
             Record(r);
-            if (wantsFineTune)
-            {
-                r.Stage = Stages.FineTune;
-                r.SetStage(Stages.FineTune, RunStatus.Queued);
-            }
-            else
-            {
-                r.Status = RunStatus.Succeeded;
-                r.EndedAt = DateTimeOffset.UtcNow;
-            }
-
-            return true;
+            RunTransitions.QueueNextOrEnd(r, wantsFineTune ? Stages.FineTune : null);
         }, cancellationToken);
         if (!changed)
         {
             return;
         }
 
-        await events.PublishAsync(RunEvents.Types.StageSucceeded, run, cancellationToken);
         logger.LogInformation("Prepared {PreparedId}: {Train} train / {Validation} validation records, {Tokens} tokens; report {Report}",
             preparedId, stats.Train.Records, stats.Validation.Records, stats.Train.Tokens + stats.Validation.Tokens, report.Passed ? "passed" : "did not pass");
     }

@@ -1,3 +1,5 @@
+using System.Diagnostics;
+using Microsoft.Extensions.Logging;
 using Pipeline.Messaging;
 using Pipeline.Storage;
 
@@ -6,6 +8,112 @@ namespace Pipeline.Runs;
 /// <summary>The run transitions every stage makes, each saved and published as a CloudEvent.</summary>
 public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClients storage)
 {
+    /// <summary>
+    /// The skeleton every stage runs one delivery in: claims the run's stage (nothing to do when it is done or
+    /// the run ended), runs the work under the stage's lease (its token is cancelled when the lease is lost),
+    /// and ends it: bad input (<see cref="StageRejectedException"/>) fails the run, a cancelled run stops, a lost
+    /// lease becomes <see cref="LeaseLostException"/>, anything else is kept on the run and thrown for the host to retry.
+    /// </summary>
+    public async Task RunStageAsync(StageRun stage, Func<Stopwatch, CancellationToken, Task> work, CancellationToken cancellationToken)
+    {
+        using var scope = stage.Logger.BeginScope(new Dictionary<string, object> { ["RunId"] = stage.RunId });
+        await using var lease = await ClaimAsync(stage.Initial, stage.Stage, stage.Attempt, stage.OnStart, cancellationToken);
+        if (lease is null)
+        {
+            stage.Logger.LogInformation("Run {RunId} has finished {Stage} already (or ended); nothing to do", stage.RunId, stage.Stage);
+            return;
+        }
+
+        using var linked = lease.Link(cancellationToken);
+        await AttemptAsync(stage, lease, work, linked.Token, cancellationToken);
+    }
+
+    /// <summary>
+    /// The same ending for work that needs no claim of its own (one shard of a stage that holds the run):
+    /// true when the work completed, false when it was rejected (the run failed) or the run was cancelled.
+    /// </summary>
+    public Task<bool> RunPartAsync(StageRun stage, Func<Stopwatch, CancellationToken, Task> work, CancellationToken cancellationToken) =>
+        AttemptAsync(stage, null, work, cancellationToken, cancellationToken);
+
+    private async Task<bool> AttemptAsync(StageRun stage, RunLease? lease, Func<Stopwatch, CancellationToken, Task> work, CancellationToken workToken, CancellationToken cancellationToken)
+    {
+        var clock = Stopwatch.StartNew();
+        try
+        {
+            await work(clock, workToken);
+            return true;
+        }
+        catch (OperationCanceledException) when (lease is not null && lease.Lost.IsCancellationRequested && !cancellationToken.IsCancellationRequested)
+        {
+            throw new LeaseLostException(lease.Holds, lease.LostReason);
+        }
+        catch (RunCancelledException)
+        {
+            stage.Logger.LogInformation("Run {RunId} was cancelled during {Stage}; stopping", stage.RunId, stage.Stage);
+            if (stage.OnCancelled is { } cleanUp)
+            {
+                await cleanUp();
+            }
+
+            return false;
+        }
+        catch (StageRejectedException e)
+        {
+            await (stage.OnRejected is { } reject
+                ? reject(e, clock.Elapsed)
+                : FailAsync(stage.RunId, stage.Stage, e.Code, e.Message, clock.Elapsed, cancellationToken: cancellationToken));
+            return false;
+        }
+        catch (Exception e) when (e is not RunBusyException && !cancellationToken.IsCancellationRequested)
+        {
+            // Transient: record why, then let the host retry (and poison the message after maxDequeueCount).
+            stage.Logger.LogWarning(e, "{Stage} of run {RunId} ({Part}) failed on attempt {Attempt}; the host will retry", stage.Stage, stage.RunId, stage.Part ?? "the whole stage", stage.Attempt);
+            await RetryingAsync(stage.RunId, stage.Attempt, stage.Part is null ? e : new InvalidOperationException($"{stage.Part}: {e.Message}", e));
+            throw;
+        }
+    }
+
+    /// <summary>
+    /// A progress update on a running stage (counts, a heartbeat). Throws <see cref="RunCancelledException"/>
+    /// when the run was cancelled, so the stage stops at its next update.
+    /// </summary>
+    public Task<RunRecord> ProgressAsync(string runId, Action<RunRecord> update, CancellationToken cancellationToken) =>
+        runs.UpdateAsync(runId, r =>
+        {
+            if (r.Status == RunStatus.Cancelled)
+            {
+                throw new RunCancelledException(r.RunId);
+            }
+
+            update(r);
+            return true;
+        }, cancellationToken);
+
+    /// <summary>
+    /// A stage's success saved on the run and published as <paramref name="eventType"/>. A run that has ended
+    /// (cancelled, or finished by another delivery) is left as it is and no event is sent; with
+    /// <paramref name="reopenFinished"/> only a cancelled one is (a finished batch's run takes its merged retry).
+    /// </summary>
+    public async Task<(RunRecord Run, bool Changed)> SucceedAsync(string runId, string eventType, Action<RunRecord> record, CancellationToken cancellationToken, bool reopenFinished = false)
+    {
+        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        {
+            if (reopenFinished ? r.Status == RunStatus.Cancelled : RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
+            record(r);
+            return true;
+        }, cancellationToken);
+        if (changed)
+        {
+            await events.PublishAsync(eventType, run, cancellationToken);
+        }
+
+        return (run, changed);
+    }
+
     /// <summary>
     /// Takes a run's stage for this delivery. Null when the stage is done already (or the run ended):
     /// there is nothing to do. Otherwise the run is marked started and the stage's lease is returned
@@ -75,6 +183,20 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
         return run;
     }
 
+    /// <summary>After a stage's success: the run moves on to <paramref name="next"/> (queued), or ends succeeded when there is none.</summary>
+    public static void QueueNextOrEnd(RunRecord run, string? next)
+    {
+        if (next is not null)
+        {
+            run.Stage = next;
+            run.SetStage(next, RunStatus.Queued);
+            return;
+        }
+
+        run.Status = RunStatus.Succeeded;
+        run.EndedAt = DateTimeOffset.UtcNow;
+    }
+
     /// <summary>A transient failure: kept on the run so that, if the message is poisoned, the run says why.</summary>
     public async Task RetryingAsync(string runId, int attempt, Exception error)
     {
@@ -90,8 +212,9 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// <summary>
     /// A permanent failure: the run ends with a user-facing reason and a machine-readable code. A run that has
     /// ended already (cancelled, or finished by another delivery) is left as it is, and no event is sent.
+    /// With no <paramref name="stage"/> the run's current stage fails; with no <paramref name="elapsed"/> no timing is kept.
     /// </summary>
-    public async Task<RunRecord> FailAsync(string runId, string stage, string code, string message, TimeSpan elapsed, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
+    public async Task<RunRecord> FailAsync(string runId, string? stage, string code, string message, TimeSpan? elapsed, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
         var (run, changed) = await runs.TryUpdateAsync(runId, r =>
         {
@@ -101,11 +224,15 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             }
 
             r.Status = RunStatus.Failed;
-            r.Stage = stage;
-            r.SetStage(stage, RunStatus.Failed);
+            r.Stage = stage ?? r.Stage;
+            r.SetStage(r.Stage, RunStatus.Failed);
             r.Error = message;
             r.ErrorCode = code;
-            r.SetTiming(stage, elapsed);
+            if (elapsed is { } time)
+            {
+                r.SetTiming(r.Stage, time);
+            }
+
             r.EndedAt = DateTimeOffset.UtcNow;
             also?.Invoke(r);
             return true;

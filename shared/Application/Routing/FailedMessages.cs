@@ -1,6 +1,8 @@
 using System.Text.Json;
+using System.Text.Json.Nodes;
 using Azure;
 using Azure.Data.Tables;
+using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Logging;
 using Pipeline.Ingestion;
 using Pipeline.Runs;
@@ -36,16 +38,110 @@ public sealed class PoisonRecord : ITableEntity
 /// <c>&lt;queue&gt;-poison</c> queues) and invalid ones (rejected at once). Each keeps its reason, and its
 /// run, when it has one, is marked failed with that reason.
 /// </summary>
-public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEvents events, ILogger<FailedMessages> logger)
+public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTransitions transitions, IConfiguration configuration, ILogger<FailedMessages> logger)
 {
     public const string PoisonedKind = "poisoned";
     public const string InvalidKind = "invalid";
     public const string PoisonErrorCode = "PoisonMessage";
 
+    /// <summary>How many times in a row a message may wait for its busy run before it is given up on (app setting <c>Pipeline__Messaging__MaxDeferrals</c>).</summary>
+    public const string MaxDeferralsSetting = "Pipeline:Messaging:MaxDeferrals";
+    public const int DefaultMaxDeferrals = 20;
+
+    /// <summary>The property a deferred message carries its count of deferrals in (a re-sent queue message starts its dequeue count again).</summary>
+    public const string DeferralsProperty = "deferrals";
+
+    /// <summary>How long a deferred message waits (app setting <c>Pipeline__Messaging__DeferralDelay</c>; default <see cref="RunLease.RetryAfter"/>, past a dead holder's lease).</summary>
+    public const string DeferralDelaySetting = "Pipeline:Messaging:DeferralDelay";
+
+    public int MaxDeferrals { get; } = Math.Max(1, configuration.GetValue(MaxDeferralsSetting, DefaultMaxDeferrals));
+
+    public TimeSpan DeferralDelay { get; } = configuration.GetValue(DeferralDelaySetting, RunLease.RetryAfter);
+
+    /// <summary>
+    /// A message whose run is busy (another instance holds its stage, or this one lost the stage's lease) goes
+    /// back on <paramref name="queue"/> for <see cref="DeferralDelay"/>, its count of deferrals (and the run it
+    /// resolved to) written into it. After <see cref="MaxDeferrals"/> in a row it is given up on: recorded as
+    /// poisoned with the reason, and its run failed with it.
+    /// </summary>
+    public async Task DeferAsync(string queue, string message, string? messageId, string why, CancellationToken cancellationToken)
+    {
+        var runId = await RunIdOfAsync(queue, message, cancellationToken);
+        var deferrals = DeferralsOf(message);
+        if (deferrals >= MaxDeferrals)
+        {
+            var reason = $"Gave up after waiting {deferrals} times ({DeferralDelay.TotalSeconds:N0} s each) for run {runId}, which stayed busy: {why} "
+                + $"Check what holds the run (pipeline status {runId}), then replay the message (pipeline poison replay). The limit is the setting {MaxDeferralsSetting.Replace(":", "__", StringComparison.Ordinal)} ({MaxDeferrals}).";
+            // Kept with its count cleared, so a replay waits afresh.
+            await SaveAsync(queue, WithDeferrals(message, 0, runId), messageId, runId, reason, PoisonedKind, deferrals, cancellationToken);
+            await FailRunAsync(runId, queue, PoisonErrorCode, reason, cancellationToken);
+            return;
+        }
+
+        await storage.Queue(queue).SendMessageAsync(WithDeferrals(message, deferrals + 1, runId), DeferralDelay, cancellationToken: cancellationToken);
+        logger.LogInformation("Run {RunId} is busy ({Reason}); the {Queue} message waits {Delay} (deferral {Deferral} of {Max})", runId, why, queue, DeferralDelay, deferrals + 1, MaxDeferrals);
+    }
+
+    /// <summary>How many times the message has waited for its busy run (0 when it never has, or is not JSON).</summary>
+    public static int DeferralsOf(string message)
+    {
+        try
+        {
+            return Root(JsonNode.Parse(message))?[DeferralsProperty] is JsonValue value && value.TryGetValue<int>(out var n) ? n : 0;
+        }
+        catch (JsonException)
+        {
+            return 0;
+        }
+    }
+
+    /// <summary>The message with its count of deferrals (removed at 0) and, for an envelope without one, the run it belongs to.</summary>
+    private static string WithDeferrals(string message, int deferrals, string runId)
+    {
+        JsonNode? document;
+        try
+        {
+            document = JsonNode.Parse(message);
+        }
+        catch (JsonException)
+        {
+            return message;
+        }
+
+        if (Root(document) is not { } root)
+        {
+            return message;
+        }
+
+        if (deferrals > 0)
+        {
+            root[DeferralsProperty] = deferrals;
+        }
+        else
+        {
+            root.Remove(DeferralsProperty);
+        }
+
+        // An envelope names its run from now on: the run id derived from its text would change with the count.
+        if (!root.ContainsKey("eventType") && root["runId"] is null)
+        {
+            root["runId"] = runId;
+        }
+
+        return document!.ToJsonString();
+    }
+
+    private static JsonObject? Root(JsonNode? document) => document switch
+    {
+        JsonArray { Count: > 0 } events => events[0] as JsonObject,
+        JsonObject envelope => envelope,
+        _ => null,
+    };
+
     /// <summary>Handles a message that arrived on <c>&lt;sourceQueue&gt;-poison</c>.</summary>
     public async Task RecordPoisonAsync(string sourceQueue, string message, string? messageId, CancellationToken cancellationToken)
     {
-        var runId = RunIdOf(sourceQueue, message);
+        var runId = await RunIdOfAsync(sourceQueue, message, cancellationToken);
         var run = await runs.GetAsync(runId, cancellationToken);
         var attempts = run?.Attempt ?? 0;
         var lastError = run?.LastError ?? "no error was recorded (the handler may have crashed or timed out before it could record one)";
@@ -57,7 +153,7 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
     /// <summary>Handles a message its broker gave up on (a Service Bus dead letter), with the broker's reason.</summary>
     public async Task RecordDeadLetteredAsync(string source, string message, string? messageId, string reason, int attempts, CancellationToken cancellationToken)
     {
-        var runId = RunIdOf(source, message);
+        var runId = await RunIdOfAsync(source, message, cancellationToken);
         await SaveAsync(source, message, messageId, runId, reason, PoisonedKind, attempts, cancellationToken);
         await FailRunAsync(runId, source, PoisonErrorCode, reason, cancellationToken);
     }
@@ -65,7 +161,7 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
     /// <summary>Handles a message that can never succeed: recorded with its reason and acknowledged.</summary>
     public async Task RecordInvalidAsync(string sourceQueue, string message, string? messageId, string reason, CancellationToken cancellationToken)
     {
-        var runId = RunIdOf(sourceQueue, message);
+        var runId = await RunIdOfAsync(sourceQueue, message, cancellationToken);
         await SaveAsync(sourceQueue, message, messageId, runId, reason, InvalidKind, 1, cancellationToken);
         await FailRunAsync(runId, sourceQueue, RejectionCodes.InvalidMessage, reason, cancellationToken);
     }
@@ -126,6 +222,47 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         return replayed;
     }
 
+    /// <summary>
+    /// The run a message's handler made: <see cref="RunIdOf"/>, except for an <c>ingest</c> command without a
+    /// <c>runId</c>, whose run is that of the blob version it names (as <see cref="IngestHandler"/> names it) once that run exists.
+    /// </summary>
+    public async Task<string> RunIdOfAsync(string queue, string message, CancellationToken cancellationToken)
+    {
+        var runId = RunIdOf(queue, message);
+        if (IngestCommandOf(message) is not { } command)
+        {
+            return runId;
+        }
+
+        try
+        {
+            var request = await IngestHandler.RequestForAsync(storage, command, runId: null, cancellationToken);
+            return await runs.GetAsync(request.RunId, cancellationToken) is not null ? request.RunId : runId;
+        }
+        catch (InvalidMessageException)
+        {
+            // It names no blob that exists (now): the handler made no run of one.
+            return runId;
+        }
+    }
+
+    /// <summary>The body of an <c>ingest</c> command envelope that names no run.</summary>
+    private static IngestCommand? IngestCommandOf(string message)
+    {
+        try
+        {
+            var envelope = JsonSerializer.Deserialize(message, PipelineJson.Default.MessageEnvelope);
+            return envelope is { Type: MessageTypes.Ingest, RunId: null } && envelope.Body.ValueKind == JsonValueKind.Object
+                && envelope.Body.Deserialize(PipelineJson.Default.IngestCommand) is { Blob.Length: > 0 } command
+                ? command
+                : null;
+        }
+        catch (Exception e) when (e is JsonException or NotSupportedException or InvalidOperationException)
+        {
+            return null;
+        }
+    }
+
     /// <summary>The run a message belongs to: from its envelope, its blob event, or (failing both) its text.</summary>
     public static string RunIdOf(string queue, string message)
     {
@@ -154,7 +291,8 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         {
         }
 
-        return RunIds.ForMessage(queue, message);
+        // Service Bus commands are routed as commands-queue ones, and named so.
+        return RunIds.ForMessage(queue == ServiceBusCommands.Source ? StorageNames.Queues.Commands : queue, message);
     }
 
     private async Task SaveAsync(string queue, string message, string? messageId, string runId, string reason, string kind, int attempts, CancellationToken cancellationToken)
@@ -174,27 +312,11 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunEve
         logger.LogWarning("Message on {Queue} for run {RunId} {Kind}: {Reason}", queue, runId, kind, reason);
     }
 
+    /// <summary>The message's run (created if the message never got as far) fails at the stage it had reached.</summary>
     private async Task FailRunAsync(string runId, string queue, string code, string reason, CancellationToken cancellationToken)
     {
         await runs.GetOrCreateAsync(new RunRecord { RunId = runId, Source = $"queue:{queue}", Stage = StageOf(queue) }, cancellationToken);
-        var run = await runs.UpdateAsync(runId, r =>
-        {
-            if (RunStatus.IsFinal(r.Status))
-            {
-                return false;
-            }
-
-            r.Status = RunStatus.Failed;
-            r.SetStage(r.Stage, RunStatus.Failed);
-            r.Error = reason;
-            r.ErrorCode = code;
-            r.EndedAt = DateTimeOffset.UtcNow;
-            return true;
-        }, cancellationToken);
-        if (run.ErrorCode == code && run.Status == RunStatus.Failed)
-        {
-            await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
-        }
+        await transitions.FailAsync(runId, stage: null, code, reason, elapsed: null, cancellationToken: cancellationToken);
     }
 
     private static string StageOf(string queue) => queue switch

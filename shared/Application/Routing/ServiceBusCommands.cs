@@ -21,7 +21,7 @@ public interface IServiceBusSettlement
 /// redelivers it and, after the queue's max delivery count, dead-letters it, where
 /// <see cref="RecordDeadLetterAsync"/> records it and fails its run.
 /// </summary>
-public sealed class ServiceBusCommands(CommandRouter router, FailedMessages failed, StorageClients storage, ILogger<ServiceBusCommands> logger)
+public sealed class ServiceBusCommands(CommandRouter router, FailedMessages failed, ILogger<ServiceBusCommands> logger)
 {
     /// <summary>Where Service Bus commands are recorded (partition of the poisonmessages table).</summary>
     public const string Source = "servicebus-commands";
@@ -38,7 +38,7 @@ public sealed class ServiceBusCommands(CommandRouter router, FailedMessages fail
         }
         catch (RunBusyException e)
         {
-            await storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(text, RunLease.RetryAfter, cancellationToken: cancellationToken);
+            await failed.DeferAsync(StorageNames.Queues.Commands, text, message.MessageId, e.Message, cancellationToken);
             logger.LogInformation("Service Bus command {MessageId}: {Reason}; it waits on the storage commands queue", message.MessageId, e.Message);
         }
         catch (InvalidMessageException e)

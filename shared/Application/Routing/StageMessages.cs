@@ -51,7 +51,7 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
     /// <summary>An inference message or <c>infer</c> command; a command without a run id gets one derived from its text.</summary>
     public Task InferenceAsync(MessageEnvelope envelope, string fallbackRunId, int dequeueCount, CancellationToken cancellationToken)
     {
-        var body = Body(envelope, InferenceJson.Default.InferenceRequest);
+        var body = Body(envelope, InferenceCommandJson.Default.InferenceRequest);
         if (string.IsNullOrWhiteSpace(body.ModelId) || string.IsNullOrWhiteSpace(body.Input))
         {
             throw new InvalidMessageException($"The {envelope.Type} message needs 'modelId' and 'input', for example {{\"modelId\":\"sentiment-v1\",\"input\":\"incoming/to-score.jsonl\"}}.");

@@ -2,6 +2,7 @@ using System.Text.Json;
 using System.Text.Json.Serialization;
 using Pipeline.Inference;
 using Pipeline.Preprocessing;
+using Pipeline.Runs;
 
 namespace Pipeline.FineTuning;
 
@@ -229,10 +230,7 @@ public static class FineTuneErrorCodes
 }
 
 /// <summary>A fine-tune that can never succeed as asked: the run fails with <see cref="Code"/> and the message.</summary>
-public sealed class FineTuneRejectedException(string code, string message) : Exception(message)
-{
-    public string Code { get; } = code;
-}
+public sealed class FineTuneRejectedException(string code, string message) : StageRejectedException(code, message);
 
 [JsonSourceGenerationOptions(JsonSerializerDefaults.Web, DefaultIgnoreCondition = JsonIgnoreCondition.WhenWritingNull, WriteIndented = true)]
 [JsonSerializable(typeof(FineTuneSpec))]

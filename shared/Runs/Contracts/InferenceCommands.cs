@@ -1,4 +1,5 @@
 using System.Text.Json.Serialization;
+using Pipeline.Runs;
 
 namespace Pipeline.Inference;
 
@@ -71,10 +72,7 @@ public static class InferenceErrorCodes
 }
 
 /// <summary>A batch that can never succeed as asked: the run fails with <see cref="Code"/> and the message.</summary>
-public sealed class InferenceRejectedException(string code, string message) : Exception(message)
-{
-    public string Code { get; } = code;
-}
+public sealed class InferenceRejectedException(string code, string message) : StageRejectedException(code, message);
 
 /// <summary>Row-level error codes in <c>errors.jsonl</c> (besides ingestion's parse codes).</summary>
 public static class RowErrorCodes

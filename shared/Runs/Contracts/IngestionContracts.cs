@@ -1,3 +1,5 @@
+using Pipeline.Runs;
+
 namespace Pipeline.Ingestion;
 
 /// <summary>Detected or chosen file format.</summary>
@@ -56,10 +58,7 @@ public static class RejectionCodes
 }
 
 /// <summary>A permanent problem with the input: the run fails with this code and message, and is not retried.</summary>
-public sealed class IngestionRejectedException(string code, string message) : Exception(message)
-{
-    public string Code { get; } = code;
-}
+public sealed class IngestionRejectedException(string code, string message) : StageRejectedException(code, message);
 
 /// <summary>Counts of one ingestion, as recorded in the manifest and on the run.</summary>
 public sealed record IngestCounts

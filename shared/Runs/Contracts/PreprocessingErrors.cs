@@ -1,3 +1,5 @@
+using Pipeline.Runs;
+
 namespace Pipeline.Preprocessing;
 
 public static class PreprocessErrorCodes
@@ -11,7 +13,4 @@ public static class PreprocessErrorCodes
 }
 
 /// <summary>A permanent problem (bad recipe, missing dataset or tokenizer files): the run fails with this code, no retry.</summary>
-public sealed class PreprocessingRejectedException(string code, string message) : Exception(message)
-{
-    public string Code { get; } = code;
-}
+public sealed class PreprocessingRejectedException(string code, string message) : StageRejectedException(code, message);
