@@ -28,6 +28,8 @@ public static class PipelineServices
         services.AddSingleton<RunStore>();
         services.AddSingleton<RunTransitions>();
         services.AddSingleton<RunEvents>();
+        services.AddOptions<RunEventsOptions>().BindConfiguration(RunEventsOptions.Section);
+        services.AddHostedService<RunEventDispatcher>();
         services.AddSingleton<QueueSender>();
         services.AddSingleton<FailedMessages>();
         services.AddSingleton<CommandRouter>();
