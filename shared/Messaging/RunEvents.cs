@@ -132,7 +132,7 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger,
                 continue;
             }
 
-            switch (await TryPublishAsync(entry, cancellationToken))
+            switch (await TryPublishAsync(entry, claim: true, cancellationToken))
             {
                 case Outcome.Published:
                     published++;
@@ -150,14 +150,19 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger,
     private async Task PublishSavedAsync(RunRecord run, IReadOnlyList<string> types, CancellationToken cancellationToken)
     {
         var own = types.Select(t => RunOutboxEntry.RowKeyFor(run.Version, t)).ToHashSet();
-        var entries = new List<RunOutboxEntry>();
+        var entries = new List<(RunOutboxEntry Entry, bool Claim)>();
         try
         {
             await foreach (var entry in _runs.PendingEventsAsync(run.RunId, cancellationToken))
             {
-                if (own.Contains(entry.RowKey) || (entry.Version < run.Version && IsDue(entry)))
+                // Its own events no dispatcher takes before RetryAfter: it publishes them without taking them first.
+                if (own.Contains(entry.RowKey))
                 {
-                    entries.Add(entry);
+                    entries.Add((entry, false));
+                }
+                else if (entry.Version < run.Version && IsDue(entry))
+                {
+                    entries.Add((entry, true));
                 }
             }
         }
@@ -167,9 +172,9 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger,
             return;
         }
 
-        foreach (var entry in entries)
+        foreach (var (entry, claim) in entries)
         {
-            if (await TryPublishAsync(entry, cancellationToken) == Outcome.Failed)
+            if (await TryPublishAsync(entry, claim, cancellationToken) == Outcome.Failed)
             {
                 // The rest wait for the dispatcher, behind this one.
                 return;
@@ -184,15 +189,16 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger,
     private static bool IsTransient(Exception e) => e is Azure.RequestFailedException or HttpRequestException or OperationCanceledException;
 
     /// <summary>
-    /// Takes one saved event (a conditional write, so two dispatchers never publish it at once), sends it, records it
-    /// in the run's history and removes it from the outbox. When it cannot be sent it stays saved, and is retried once
-    /// <see cref="RunEventsOptions.RetryAfter"/> has passed since it was taken.
+    /// Sends one saved event, records it in the run's history and removes it from the outbox. A left-over event is
+    /// taken first (<paramref name="claim"/>: a conditional write, so two dispatchers never publish it at once). When
+    /// it cannot be sent it stays saved, and is retried once <see cref="RunEventsOptions.RetryAfter"/> has passed
+    /// since it was saved or last taken.
     /// </summary>
-    private async Task<Outcome> TryPublishAsync(RunOutboxEntry entry, CancellationToken cancellationToken)
+    private async Task<Outcome> TryPublishAsync(RunOutboxEntry entry, bool claim, CancellationToken cancellationToken)
     {
         try
         {
-            if (!await _runs.TryClaimEventAsync(entry, cancellationToken))
+            if (claim && !await _runs.TryClaimEventAsync(entry, cancellationToken))
             {
                 return Outcome.TakenByAnother;
             }
