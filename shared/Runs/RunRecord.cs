@@ -77,10 +77,22 @@ public sealed class RunRecord : ITableEntity
     /// <summary>The last transient failure, kept so that a poisoned message can say why it gave up.</summary>
     public string? LastError { get; set; }
 
+    /// <summary>How many changes have been saved: each saved change adds one. Its events are identified by it.</summary>
+    public long Version { get; set; }
+
     public DateTimeOffset CreatedAt { get; set; }
     public DateTimeOffset UpdatedAt { get; set; }
     public DateTimeOffset? StartedAt { get; set; }
     public DateTimeOffset? EndedAt { get; set; }
+
+    /// <summary>Whether <paramref name="other"/> holds the same run content (ignoring the version, the update time and the storage metadata).</summary>
+    public bool SameContentAs(RunRecord other) => ContentProperties.All(p => Equals(p.GetValue(this), p.GetValue(other)));
+
+    public RunRecord Copy() => (RunRecord)MemberwiseClone();
+
+    // Every stored property but those a save itself changes: a new property is compared without being listed here.
+    private static readonly System.Reflection.PropertyInfo[] ContentProperties = [.. typeof(RunRecord).GetProperties()
+        .Where(p => p.CanWrite && p.Name is not (nameof(Timestamp) or nameof(ETag) or nameof(UpdatedAt) or nameof(Version) or nameof(RunId)))];
 
     public Dictionary<string, string> GetStages() => RunJson.ReadStrings(StagesJson);
     public Dictionary<string, long> GetCounts() => RunJson.ReadCounts(CountsJson);

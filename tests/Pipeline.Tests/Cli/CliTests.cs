@@ -7,26 +7,20 @@ namespace Pipeline.Tests.Cli;
 
 /// <summary>The <c>pipeline</c> CLI as a user runs it (its own process) against the local host on Azurite: JSON output and exit codes.</summary>
 [Collection(LocalHostProcess.Collection)]
-public sealed class CliTests : IAsyncLifetime
+public sealed class CliTests(HostFixture fixture) : IAsyncLifetime
 {
-    private readonly Azurite _azurite = new();
     private LocalHostProcess _host = null!;
     private readonly string _work = Directory.CreateTempSubdirectory("pipeline-cli-").FullName;
 
-    public async Task InitializeAsync()
-    {
-        await _azurite.InitializeAsync();
-        _host = new LocalHostProcess(_azurite.ConnectionString);
-    }
+    public async Task InitializeAsync() => _host = await fixture.HostAsync();
 
-    public async Task DisposeAsync()
+    public Task DisposeAsync()
     {
-        _host.Dispose();
-        await _azurite.DisposeAsync();
         Directory.Delete(_work, recursive: true);
+        return Task.CompletedTask;
     }
 
-    private Task<(int ExitCode, string Output, string Error)> PipelineAsync(params string[] args) => RunAsync(_azurite.ConnectionString, args);
+    private Task<(int ExitCode, string Output, string Error)> PipelineAsync(params string[] args) => RunAsync(fixture.ConnectionString, args);
 
     /// <summary>Runs the built CLI against a storage account; returns its exit code and what it wrote.</summary>
     public static async Task<(int ExitCode, string Output, string Error)> RunAsync(string connectionString, params string[] args)
@@ -191,7 +185,7 @@ public sealed class CliTests : IAsyncLifetime
     public async Task A_dropped_hugging_face_export_of_a_real_encoder_fine_tunes_and_scores_through_submit()
     {
         // As a user uploads an export: the encoder, its tokenizer and configuration files, no sentence-transformers files.
-        var models = new Azure.Storage.Blobs.BlobContainerClient(_azurite.ConnectionString, "models");
+        var models = new Azure.Storage.Blobs.BlobContainerClient(fixture.ConnectionString, "models");
         await models.CreateIfNotExistsAsync();
         foreach (var name in new[] { "config.json", "tokenizer_config.json", "vocab.txt", "model.onnx" })
         {
@@ -224,7 +218,7 @@ public sealed class CliTests : IAsyncLifetime
         Assert.Equal("mean", JsonDocument.Parse((await models.GetBlobClient("user-minilm/model.json").DownloadContentAsync()).Value.Content.ToString()).RootElement.GetProperty("pooling").GetString());
 
         var results = run.GetProperty("artifacts").GetProperty("results").GetString()!;
-        var outputs = new Azure.Storage.Blobs.BlobContainerClient(_azurite.ConnectionString, results[..results.IndexOf('/')]);
+        var outputs = new Azure.Storage.Blobs.BlobContainerClient(fixture.ConnectionString, results[..results.IndexOf('/')]);
         var scored = (await outputs.GetBlobClient(results[(results.IndexOf('/') + 1)..]).DownloadContentAsync()).Value.Content.ToString()
             .Split('\n', StringSplitOptions.RemoveEmptyEntries).Select(l => JsonDocument.Parse(l).RootElement).ToDictionary(r => r.GetProperty("custom_id").GetString()!);
         Assert.Equal(2, scored.Count);

@@ -18,29 +18,20 @@ namespace Pipeline.Tests.FineTuning;
 [Collection(LocalHostProcess.Collection)]
 public sealed class FineTuneHostTests : IAsyncLifetime
 {
-    private readonly Azurite _azurite = new();
+    // Storage and a host of its own per test: the tests prepare their data in this process while the host watches
+    // incoming, which a host shared with other tests (already watching) would ingest and prepare at the same time.
+    private IsolatedStorage _storage = null!;
     private TestPipeline _pipeline = null!;
 
     public async Task InitializeAsync()
     {
-        await _azurite.InitializeAsync();
-        _pipeline = new TestPipeline(_azurite);
-        await _pipeline.Storage.EnsureCreatedAsync();
+        _storage = await HostFixture.IsolatedAsync();
+        _pipeline = _storage.Pipeline;
     }
 
-    public async Task DisposeAsync()
-    {
-        _pipeline.Dispose();
-        await _azurite.DisposeAsync();
-    }
+    public async Task DisposeAsync() => await _storage.DisposeAsync();
 
-    private LocalHostProcess Host() => new(_azurite.ConnectionString, new Dictionary<string, string>
-    {
-        ["Pipeline__FineTune__MonitorInitialDelay"] = "00:00:00.500",
-        ["Pipeline__FineTune__MonitorMaxDelay"] = "00:00:01",
-        ["Pipeline__FineTune__HeartbeatSeconds"] = "0.5",
-        ["Pipeline__FineTune__HeartbeatTimeout"] = "00:00:04",
-    });
+    private LocalHostProcess Host() => new(_storage.ConnectionString, new Dictionary<string, string>(HostFixture.FastFineTuneSettings));
 
     private Task<RunRecord> RunReachesAsync(string runId, Func<RunRecord, bool> condition, string what, LocalHostProcess host, int seconds = 120) =>
         Eventually.ReturnsAsync(async () => await _pipeline.Runs.GetAsync(runId) is { } run && condition(run) ? run : null, TimeSpan.FromSeconds(seconds), what, () => host.Output);

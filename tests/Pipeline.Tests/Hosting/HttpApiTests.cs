@@ -15,17 +15,17 @@ namespace Pipeline.Tests.Hosting;
 [Collection(LocalHostProcess.Collection)]
 public sealed class HttpApiTests : IAsyncLifetime
 {
-    private readonly Azurite _azurite = new();
+    private IsolatedStorage _storage = null!;
     private TestPipeline _pipeline = null!;
     private LocalHostProcess _host = null!;
     private HttpClient _http = null!;
 
     public async Task InitializeAsync()
     {
-        await _azurite.InitializeAsync();
-        _pipeline = new TestPipeline(_azurite);
-        // Without the blob watcher, so that runs start only through the API under test.
-        _host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
+        // Storage of its own and a host without the blob watcher, so that runs start only through the API under test.
+        _storage = await HostFixture.IsolatedAsync();
+        _pipeline = _storage.Pipeline;
+        _host = new LocalHostProcess(_storage.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
         _http = await _host.WaitUntilListeningAsync();
     }
 
@@ -33,8 +33,7 @@ public sealed class HttpApiTests : IAsyncLifetime
     {
         _http.Dispose();
         _host.Dispose();
-        _pipeline.Dispose();
-        await _azurite.DisposeAsync();
+        await _storage.DisposeAsync();
     }
 
     private static async Task<JsonElement> ProblemAsync(HttpResponseMessage response, HttpStatusCode status, string code)

@@ -19,20 +19,17 @@ namespace Pipeline.Tests.Hosting;
 [Collection(LocalHostProcess.Collection)]
 public sealed class LocalHostTests : IAsyncLifetime
 {
-    private readonly Azurite _azurite = new();
+    // Every test runs hosts of its own (other settings, killed or competing hosts): storage of its own, so the shared host takes none of its messages.
+    private IsolatedStorage _storage = null!;
     private TestPipeline _pipeline = null!;
 
     public async Task InitializeAsync()
     {
-        await _azurite.InitializeAsync();
-        _pipeline = new TestPipeline(_azurite);
+        _storage = await HostFixture.IsolatedAsync();
+        _pipeline = _storage.Pipeline;
     }
 
-    public async Task DisposeAsync()
-    {
-        _pipeline.Dispose();
-        await _azurite.DisposeAsync();
-    }
+    public async Task DisposeAsync() => await _storage.DisposeAsync();
 
     private static readonly TimeSpan Patience = TimeSpan.FromSeconds(90);
 
@@ -50,7 +47,7 @@ public sealed class LocalHostTests : IAsyncLifetime
     [Fact]
     public async Task A_file_dropped_into_incoming_becomes_a_dataset_and_then_training_shards()
     {
-        using var host = new LocalHostProcess(_azurite.ConnectionString);
+        using var host = new LocalHostProcess(_storage.ConnectionString);
         var runId = await UploadAsync("dropped.tsv", "text\tlabel\nGreat place\t1\nAwful\t0\n");
 
         var run = await RunReachesAsync(runId, r => RunStatus.IsFinal(r.Status), "the dropped file to be ingested and preprocessed", host);
@@ -69,7 +66,7 @@ public sealed class LocalHostTests : IAsyncLifetime
     public async Task A_queue_invocation_carries_the_message_and_the_trigger_metadata_the_stages_use()
     {
         // Without the blob watcher: this test plays Event Grid and puts the event on the queue itself.
-        using var host = new LocalHostProcess(_azurite.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
+        using var host = new LocalHostProcess(_storage.ConnectionString, new Dictionary<string, string> { ["Pipeline__LocalHost__WatchIncoming"] = "false" });
         using var http = await host.WaitUntilListeningAsync();
 
         var name = "metadata.jsonl";
@@ -117,7 +114,7 @@ public sealed class LocalHostTests : IAsyncLifetime
             ["AzureFunctionsJobHost__extensions__queues__maxDequeueCount"] = maxDequeueCount.ToString(),
             ["AzureWebJobs__IngestPoison__Disabled"] = "true",
         };
-        using (var host = new LocalHostProcess(_azurite.ConnectionString, settings))
+        using (var host = new LocalHostProcess(_storage.ConnectionString, settings))
         {
             var poison = _pipeline.Storage.Queue(StorageNames.Queues.Poison(StorageNames.Queues.BlobCreated));
             var poisoned = await Eventually.ReturnsAsync(async () => (await poison.PeekMessagesAsync(1)).Value.FirstOrDefault(), Patience, "the message to reach blob-created-poison", () => host.Output);
@@ -129,7 +126,7 @@ public sealed class LocalHostTests : IAsyncLifetime
         }
 
         // With the poison handler running, the run fails with the reason, and the message is kept with it.
-        using var second = new LocalHostProcess(_azurite.ConnectionString);
+        using var second = new LocalHostProcess(_storage.ConnectionString);
         var failed = await RunReachesAsync(runId, r => r.Status == RunStatus.Failed, "the poison handler to fail the run", second);
         Assert.Equal(FailedMessages.PoisonErrorCode, failed.ErrorCode);
         Assert.Contains($"Gave up after {maxDequeueCount} attempt(s)", failed.Error);
@@ -165,7 +162,7 @@ public sealed class LocalHostTests : IAsyncLifetime
             ["Pipeline__LocalHost__MessageLease"] = "00:00:04",
             ["Pipeline__Ingestion__ProgressInterval"] = "00:00:00.050",
         };
-        var first = new LocalHostProcess(_azurite.ConnectionString, fast);
+        var first = new LocalHostProcess(_storage.ConnectionString, fast);
         var runId = await UploadAsync("large.jsonl", text);
         await RunReachesAsync(runId, r => r.GetCounts().GetValueOrDefault("read") > 0, "ingestion to make progress", first);
         first.Kill();
@@ -176,7 +173,7 @@ public sealed class LocalHostTests : IAsyncLifetime
         Assert.True(interrupted.GetStages()[Stages.Ingest] != RunStatus.Succeeded, $"the killed host finished the stage\n{output}");
         Assert.Null(await _pipeline.ManifestAsync(datasetId));
 
-        using var second = new LocalHostProcess(_azurite.ConnectionString, fast);
+        using var second = new LocalHostProcess(_storage.ConnectionString, fast);
         var run = await RunReachesAsync(runId, r => r.GetStages().GetValueOrDefault(Stages.Ingest) == RunStatus.Succeeded, "the redelivered message to complete the dataset", second);
         Assert.Equal(datasetId, run.DatasetId);
         var manifest = (await _pipeline.ManifestAsync(datasetId))!;
@@ -186,8 +183,8 @@ public sealed class LocalHostTests : IAsyncLifetime
     [Fact]
     public async Task Two_hosts_ingest_a_burst_of_100_files_with_each_dataset_produced_exactly_once()
     {
-        using var a = new LocalHostProcess(_azurite.ConnectionString);
-        using var b = new LocalHostProcess(_azurite.ConnectionString);
+        using var a = new LocalHostProcess(_storage.ConnectionString);
+        using var b = new LocalHostProcess(_storage.ConnectionString);
         var runIds = await Task.WhenAll(Enumerable.Range(0, 100).Select(i => UploadAsync($"burst/file-{i:000}.jsonl", $"{{\"text\":\"file {i}\",\"label\":{i % 2}}}\n{{\"text\":\"second row of {i}\",\"label\":0}}\n")));
 
         var runs = new List<RunRecord>();

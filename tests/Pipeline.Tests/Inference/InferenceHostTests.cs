@@ -12,22 +12,9 @@ namespace Pipeline.Tests.Inference;
 
 /// <summary>Batch inference end to end through the function app in local host mode, on Azurite: commands, queues, fan-out, assembly.</summary>
 [Collection(LocalHostProcess.Collection)]
-public sealed class InferenceHostTests : IAsyncLifetime
+public sealed class InferenceHostTests(HostFixture fixture)
 {
-    private readonly Azurite _azurite = new();
-    private TestPipeline _pipeline = null!;
-
-    public async Task InitializeAsync()
-    {
-        await _azurite.InitializeAsync();
-        _pipeline = new TestPipeline(_azurite);
-    }
-
-    public async Task DisposeAsync()
-    {
-        _pipeline.Dispose();
-        await _azurite.DisposeAsync();
-    }
+    private readonly TestPipeline _pipeline = fixture.Pipeline;
 
     private Task<RunRecord> FinishedAsync(string runId, LocalHostProcess host) =>
         Eventually.ReturnsAsync(async () => await _pipeline.Runs.GetAsync(runId) is { } run && RunStatus.IsFinal(run.Status) ? run : null,
@@ -45,8 +32,7 @@ public sealed class InferenceHostTests : IAsyncLifetime
     [Fact]
     public async Task An_infer_command_scores_a_file_across_shards_in_input_order()
     {
-        using var host = new LocalHostProcess(_azurite.ConnectionString);
-        await _pipeline.Storage.EnsureCreatedAsync();
+        var host = await fixture.HostAsync();
         await InferenceStageTests.ClassifierAsync(_pipeline.Storage, "sentiment-tiny");
         var sentences = File.ReadLines(RepoPaths.RequireSharedData("sentiment/amazon_cells_labelled.txt")).Select(l => l.Split('\t')[0]).Take(300).ToList();
         var input = await UploadAsync(StorageNames.Containers.Incoming, "score-me.jsonl", Encoding.UTF8.GetBytes(InferenceStageTests.Jsonl(sentences)));
@@ -67,8 +53,7 @@ public sealed class InferenceHostTests : IAsyncLifetime
     [Fact]
     public async Task A_model_folder_dropped_into_models_is_registered_and_scores_embeddings_from_the_inference_queue()
     {
-        using var host = new LocalHostProcess(_azurite.ConnectionString);
-        await _pipeline.Storage.EnsureCreatedAsync();
+        var host = await fixture.HostAsync();
         var vocabulary = File.ReadAllBytes(RepoPaths.RequireSharedData("tokenizers/bert-base-uncased/vocab.txt"));
         // A folder as Hugging Face tools export an embedding model; config.json arrives first, the graph later.
         await UploadAsync(StorageNames.Containers.Models, "minilm-export/config.json", JsonSerializer.SerializeToUtf8Bytes(new { architectures = new[] { "BertModel" }, vocab_size = 30522, max_position_embeddings = 64 }));
