@@ -177,8 +177,8 @@ public sealed class IngestHandler(
         var created = false;
         if (!await manifestBlob.ExistsAsync(cancellationToken))
         {
-            await copier.CopyAsync(stagedRecords, datasets.GetBlobClient($"{datasetId}/records.jsonl"), cancellationToken);
-            await copier.CopyAsync(stagedErrors, datasets.GetBlobClient($"{datasetId}/errors.jsonl"), cancellationToken);
+            await CopyOnceAsync(stagedRecords, datasets.GetBlobClient($"{datasetId}/records.jsonl"), datasetId, cancellationToken);
+            await CopyOnceAsync(stagedErrors, datasets.GetBlobClient($"{datasetId}/errors.jsonl"), datasetId, cancellationToken);
             var manifest = new DatasetManifest
             {
                 DatasetId = datasetId,
@@ -237,6 +237,32 @@ public sealed class IngestHandler(
 
         logger.LogInformation("Ingested {Source} into {DatasetId}: {Valid} valid, {Invalid} invalid of {Read} records ({Reuse})",
             run.Source, datasetId, result.Counts.Valid, result.Counts.Invalid, result.Counts.Read, created ? "new dataset" : "dataset already existed");
+    }
+
+    /// <summary>
+    /// A dataset's files are written once (If-None-Match: *): a run ingesting the same content at the same moment
+    /// never rewrites what another wrote and may have committed. Its copy complete, the loser adopts it; still
+    /// copying, the loser waits (busy) and its redelivery takes the winner's manifest.
+    /// </summary>
+    private async Task CopyOnceAsync(BlobClient staged, BlobClient destination, string datasetId, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await copier.CopyAsync(staged, destination, cancellationToken, new BlobRequestConditions { IfNoneMatch = ETag.All });
+        }
+        catch (RequestFailedException e) when (e.Status is 409 or 412)
+        {
+            var existing = (await destination.GetPropertiesAsync(cancellationToken: cancellationToken)).Value;
+            if (existing.CopyStatus is CopyStatus.Pending)
+            {
+                throw new RunBusyException($"Dataset {datasetId} (the same content) is being written by another run; this delivery takes it once it is committed.");
+            }
+
+            if (existing.CopyStatus is CopyStatus.Failed or CopyStatus.Aborted)
+            {
+                throw new IOException($"The copy into {destination.Name} by another run ended {existing.CopyStatus}; this delivery will be retried.");
+            }
+        }
     }
 
     private static async Task<BlobProperties> SourcePropertiesAsync(BlobClient blob, IngestRequest request, CancellationToken cancellationToken)

@@ -7,10 +7,10 @@ namespace Pipeline.Storage;
 /// <summary>Server-side copies inside the account: the bytes never pass through the function.</summary>
 public sealed class BlobCopier(StorageClients storage)
 {
-    public async Task CopyAsync(BlobClient source, BlobClient destination, CancellationToken cancellationToken)
+    public async Task CopyAsync(BlobClient source, BlobClient destination, CancellationToken cancellationToken, BlobRequestConditions? destinationConditions = null)
     {
         var sourceUri = await ReadableUriAsync(source, cancellationToken);
-        var operation = await destination.StartCopyFromUriAsync(sourceUri, cancellationToken: cancellationToken);
+        var operation = await destination.StartCopyFromUriAsync(sourceUri, new BlobCopyFromUriOptions { DestinationConditions = destinationConditions }, cancellationToken);
         await operation.WaitForCompletionAsync(TimeSpan.FromMilliseconds(200), cancellationToken);
         var properties = await destination.GetPropertiesAsync(cancellationToken: cancellationToken);
         if (properties.Value.CopyStatus != CopyStatus.Success)
