@@ -129,7 +129,7 @@ public sealed class InferenceHandler(
         // A conditional read: if the input changes while it is read, the read fails rather than mixing versions.
         var download = await input.DownloadStreamingAsync(new BlobDownloadOptions { Conditions = new BlobRequestConditions { IfMatch = properties.ETag } }, cancellationToken);
         await using var stream = download.Value.Content;
-        await SplitAsync(batch, InferenceInput.ReadAsync(stream, request.Input, options, models.Settings.MaxRowChars, cancellationToken), cancellationToken);
+        await SplitAsync(batch, InferenceInput.ReadAsync(stream, request.Input, options, cancellationToken), cancellationToken);
     }
 
     private async Task StartRetryAsync(RetryFailedCommand command, string runId, CancellationToken cancellationToken)

@@ -14,7 +14,7 @@ namespace Pipeline.Inference;
 /// </summary>
 public static class InferenceInput
 {
-    /// <summary>The default longest row (a CSV record spanning lines included), in characters: <see cref="InferenceSettings.MaxRowChars"/>.</summary>
+    /// <summary>The longest row (a CSV record spanning lines included), in characters.</summary>
     public const int MaxRowChars = 1 << 20;
 
     public static string FormatOf(string blobName, string firstLine)
@@ -34,49 +34,20 @@ public static class InferenceInput
     }
 
     /// <summary>The input's rows in order, numbered from 0.</summary>
-    public static IAsyncEnumerable<ShardInputRow> ReadAsync(Stream stream, string blobName, InferenceOptions options, CancellationToken cancellationToken) =>
-        ReadAsync(stream, blobName, options, MaxRowChars, cancellationToken);
-
-    /// <summary>
-    /// The input's rows in order, numbered from 0. No line or record is held beyond <paramref name="maxRowChars"/>
-    /// characters: a longer one becomes a failed row (<see cref="RowTooLongCode"/>) naming its line and the limit,
-    /// and reading goes on after it.
-    /// </summary>
-    public static async IAsyncEnumerable<ShardInputRow> ReadAsync(Stream stream, string blobName, InferenceOptions options, int maxRowChars, [EnumeratorCancellation] CancellationToken cancellationToken)
+    public static async IAsyncEnumerable<ShardInputRow> ReadAsync(Stream stream, string blobName, InferenceOptions options, [EnumeratorCancellation] CancellationToken cancellationToken)
     {
         using var reader = new StreamReader(stream, Encoding.UTF8, detectEncodingFromByteOrderMarks: true, bufferSize: 1 << 16);
-        var lines = new BoundedLineReader(reader, maxRowChars);
         string? format = null;
         List<string>? header = null;
         int textColumn = -1, idColumn = -1;
         long row = 0, line = 0;
-        StringBuilder? pending = null;
-        var quotes = new DelimitedRecordParser.QuoteScan();
+        string? pending = null;
         long pendingLine = 0;
         // OpenAI's batch format: the lines each custom_id was first seen on (by its 64-bit hash, so memory stays small at millions of requests).
         Dictionary<ulong, long>? requests = null;
-        while (await lines.ReadLineAsync(cancellationToken) is { } read)
+        while (await reader.ReadLineAsync(cancellationToken) is { } text)
         {
             line++;
-            if (read.TooLong)
-            {
-                // The first line: the format comes from the name alone; a CSV/TSV header cannot be skipped.
-                format ??= FormatOf(blobName, "");
-                if (header is null && format is DataFormats.Csv or DataFormats.Tsv)
-                {
-                    throw new InferenceRejectedException(InferenceErrorCodes.UnsupportedFormat,
-                        $"{blobName}: the header (line {line}) is longer than {maxRowChars:N0} characters (Pipeline:Inference:MaxRowChars).");
-                }
-
-                // The line was skipped, never held: the row fails and reading resumes after it.
-                yield return TooLong(row++, pending is null ? line : pendingLine, maxRowChars);
-                pending = null;
-                pendingLine = 0;
-                quotes = new();
-                continue;
-            }
-
-            var text = read.Text!;
             if (format is null)
             {
                 if (string.IsNullOrWhiteSpace(text))
@@ -129,38 +100,25 @@ public static class InferenceInput
 
             if (format == DataFormats.Csv)
             {
-                // A quoted cell may hold line breaks: the record goes on until its quotes close. Each line is
-                // appended and scanned once (the quote state carries over), so a long record costs its length.
-                if (pending is null)
-                {
-                    pending = new StringBuilder(text);
-                    pendingLine = line;
-                }
-                else
-                {
-                    pending.Append('\n').Append(text);
-                    quotes.Feed("\n"u8);
-                }
-
-                quotes.Feed(Encoding.UTF8.GetBytes(text));
-                if (pending.Length > maxRowChars)
+                // A quoted cell may hold line breaks: the record goes on until its quotes close.
+                pending = pending is null ? text : pending + "\n" + text;
+                pendingLine = pendingLine == 0 ? line : pendingLine;
+                if (pending.Length > MaxRowChars)
                 {
                     // A quote that never closes would swallow the rest of the file: the row fails, reading resumes after it.
-                    yield return new ShardInputRow { Row = row++, Line = pendingLine, Code = RecordErrorCodes.UnterminatedQuote, Error = $"The record starting on line {pendingLine} has a quoted cell not closed within {maxRowChars:N0} characters (Pipeline:Inference:MaxRowChars)." };
+                    yield return new ShardInputRow { Row = row++, Line = pendingLine, Code = RecordErrorCodes.UnterminatedQuote, Error = $"The row's quoted cell is not closed within {MaxRowChars:N0} characters." };
                     pending = null;
                     pendingLine = 0;
-                    quotes = new();
                     continue;
                 }
 
-                if (quotes.Inside)
+                if (DelimitedRecordParser.EndsInsideQuotes(Encoding.UTF8.GetBytes(pending)))
                 {
                     continue;
                 }
 
-                text = pending.ToString();
+                text = pending;
                 pending = null;
-                quotes = new();
             }
 
             var startLine = format == DataFormats.Csv ? pendingLine : line;
@@ -184,17 +142,6 @@ public static class InferenceInput
             yield return new ShardInputRow { Row = row, Line = pendingLine, Code = RecordErrorCodes.UnterminatedQuote, Error = "The row's quoted cell is never closed before the end of the file." };
         }
     }
-
-    /// <summary>The code of a row longer than the limit.</summary>
-    public const string RowTooLongCode = "RowTooLong";
-
-    private static ShardInputRow TooLong(long row, long line, int maxRowChars) => new()
-    {
-        Row = row,
-        Line = line,
-        Code = RowTooLongCode,
-        Error = $"Line {line} is longer than {maxRowChars:N0} characters (Pipeline:Inference:MaxRowChars); the row was skipped. Shorten it or split it into rows.",
-    };
 
     private static InferenceRejectedException NoText(string blobName, IReadOnlyList<string> fields, InferenceOptions options) =>
         new(InferenceErrorCodes.NoTextField, options.TextField is { } wanted
@@ -272,75 +219,5 @@ public static class InferenceInput
         return string.IsNullOrWhiteSpace(cells[textColumn])
             ? new ShardInputRow { Row = row, CustomId = id, Line = line, Code = RecordErrorCodes.EmptyText, Error = "The text cell is empty." }
             : new ShardInputRow { Row = row, CustomId = id, Line = line, Text = cells[textColumn] };
-    }
-}
-
-/// <summary>
-/// Lines of a text stream, none held past a limit: a longer line is read through to its end and dropped, and comes
-/// back as <see cref="Line.TooLong"/> (memory stays at the limit whatever the input holds). Ends of lines as
-/// <see cref="StreamReader.ReadLineAsync()"/> has them (\n, \r\n, \r).
-/// </summary>
-internal sealed class BoundedLineReader(StreamReader reader, int maxChars)
-{
-    private readonly char[] _buffer = new char[1 << 14];
-    private readonly StringBuilder _line = new();
-    private int _start, _end;
-    private bool _skipNewline;
-
-    public readonly record struct Line(string? Text, bool TooLong);
-
-    public async ValueTask<Line?> ReadLineAsync(CancellationToken cancellationToken)
-    {
-        _line.Clear();
-        var tooLong = false;
-        var any = false;
-        while (true)
-        {
-            if (_start == _end)
-            {
-                _start = 0;
-                _end = await reader.ReadAsync(_buffer.AsMemory(), cancellationToken);
-                if (_end == 0)
-                {
-                    return any ? new Line(tooLong ? null : _line.ToString(), tooLong) : null;
-                }
-            }
-
-            if (_skipNewline)
-            {
-                // A \r ended the previous line; a \n right after it belongs to that ending.
-                _skipNewline = false;
-                if (_buffer[_start] == '\n')
-                {
-                    _start++;
-                    continue;
-                }
-            }
-
-            any = true;
-            var span = _buffer.AsSpan(_start, _end - _start);
-            var end = span.IndexOfAny('\n', '\r');
-            var piece = end < 0 ? span : span[..end];
-            if (!tooLong && _line.Length + piece.Length > maxChars)
-            {
-                tooLong = true;
-                _line.Clear();
-            }
-
-            if (!tooLong)
-            {
-                _line.Append(piece);
-            }
-
-            if (end < 0)
-            {
-                _start = _end;
-                continue;
-            }
-
-            _skipNewline = span[end] == '\r';
-            _start += end + 1;
-            return new Line(tooLong ? null : _line.ToString(), tooLong);
-        }
     }
 }

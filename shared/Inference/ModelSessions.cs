@@ -37,8 +37,6 @@ public sealed record InferenceSettings
     public int MaxCachedModelMegabytes { get; set; } = 2048;
     /// <summary>A loaded model unused this long leaves the cache. Default 30 minutes.</summary>
     public TimeSpan ModelIdleTimeout { get; set; } = TimeSpan.FromMinutes(30);
-    /// <summary>The longest inference input row (a line, or a CSV record across lines), in characters; a longer one fails alone (RowTooLong). Default 1,048,576.</summary>
-    public int MaxRowChars { get; set; } = InferenceInput.MaxRowChars;
 }
 
 /// <summary>
