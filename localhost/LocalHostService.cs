@@ -31,6 +31,8 @@ public sealed class LocalHostOptions
     public int WorkerStartAttempts { get; set; } = 2;
     /// <summary>How long a worker told to terminate has before it is killed.</summary>
     public TimeSpan WorkerTerminateGrace { get; set; } = TimeSpan.FromSeconds(5);
+    /// <summary>host.json <c>functionTimeout</c> (<c>AzureFunctionsJobHost__functionTimeout</c>): an invocation running longer is cancelled and fails; null (<c>-1</c>): no limit.</summary>
+    public TimeSpan? FunctionTimeout { get; set; }
     /// <summary>local.settings.json <c>Values</c> (given to the worker where the environment does not set them).</summary>
     public Dictionary<string, string> AppSettings { get; set; } = [];
 }

@@ -15,6 +15,7 @@ var options = builder.Configuration.GetSection(LocalHostOptions.Section).Get<Loc
 options.AppRoot = Path.GetFullPath(builder.Configuration["app"] is { Length: > 0 } app ? app : options.AppRoot is { Length: > 0 } root ? root : Directory.GetCurrentDirectory());
 builder.Configuration.AddHostJson(options.AppRoot);
 options.AppSettings = LocalSettings.Load(options.AppRoot);
+options.FunctionTimeout = FunctionTimeout(builder.Configuration["AzureFunctionsJobHost:functionTimeout"]);
 builder.Configuration.AddInMemoryCollection(options.AppSettings.Where(s => Environment.GetEnvironmentVariable(s.Key) is null).Select(s => KeyValuePair.Create(s.Key.Replace("__", ":", StringComparison.Ordinal), (string?)s.Value)));
 
 // The host's and the worker's framework chatter stays out of the log; function logs and warnings stay in.
@@ -61,6 +62,16 @@ host.MapGet("/admin/functions", async (CancellationToken ct) => Results.Json(new
 host.Map("/{**path}", (HttpContext context, HttpForwarder forwarder) => forwarder.HandleAsync(context)).RequireHost($"*:{options.Port}");
 host.Run();
 return Environment.ExitCode;
+
+// host.json functionTimeout as the Functions host reads it: a TimeSpan, or -1 for none; the default when unset (Consumption: 5 min).
+static TimeSpan? FunctionTimeout(string? value) => value switch
+{
+    null or "" => TimeSpan.FromMinutes(5),
+    "-1" => null,
+    _ => TimeSpan.TryParse(value, System.Globalization.CultureInfo.InvariantCulture, out var timeout) && timeout > TimeSpan.Zero
+        ? timeout
+        : throw new InvalidOperationException($"host.json functionTimeout '{value}' is not a positive TimeSpan (hh:mm:ss) or -1."),
+};
 
 static int FreePort()
 {

@@ -1,3 +1,4 @@
+using System.Runtime.InteropServices;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
 using Microsoft.Extensions.Logging;
@@ -25,9 +26,14 @@ using var services = new ServiceCollection()
     .AddSingleton<JobTrainer>()
     .BuildServiceProvider();
 using var stop = new CancellationTokenSource();
-Console.CancelKeyPress += (_, e) =>
-{
-    e.Cancel = true;
-    stop.Cancel();
-};
+// SIGTERM (a stopped execution, a node shutting down) and Ctrl+C stop the job cleanly: status `cancelled`, the
+// lease released, exit 0. The default handling (an immediate exit) is cancelled; the trainer ends at its next batch.
+using var terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
+using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
 return await services.GetRequiredService<JobTrainer>().RunAsync(jobId, stop.Token);
+
+void Stop(PosixSignalContext signal)
+{
+    signal.Cancel = true;
+    stop.Cancel();
+}

@@ -17,7 +17,7 @@ public sealed class FunctionRpcService(WorkerSupervisor supervisor, ILoggerFacto
             return;
         }
 
-        var channel = new WorkerChannel(start.WorkerId, loggers);
+        var channel = new WorkerChannel(start.WorkerId, loggers, supervisor.FunctionTimeout);
         if (!supervisor.Connect(channel))
         {
             _logger.LogWarning("Worker {WorkerId} is not one this host started; closing its stream", start.WorkerId);

@@ -7,14 +7,20 @@ using Pipeline.LocalHost.Rpc;
 namespace Pipeline.LocalHost.Worker;
 
 /// <summary>The worker did not answer, exited, or refused: the invocation did not run (or its outcome is unknown).</summary>
-public sealed class WorkerUnavailableException(string message) : Exception(message);
+public class WorkerUnavailableException(string message) : Exception(message);
+
+/// <summary>
+/// An invocation ran past host.json's <c>functionTimeout</c>: the worker was told to cancel it (its cancellation
+/// token fires) and it fails, as in Azure; a queue message comes back and counts toward <c>maxDequeueCount</c>.
+/// </summary>
+public sealed class FunctionTimeoutException(string message) : WorkerUnavailableException(message);
 
 /// <summary>
 /// One worker's FunctionRpc stream, host side: sends requests (one writer at a time, as gRPC requires),
 /// matches responses to them (init, metadata, load by function id, invocations by invocation id), and
 /// prints the worker's <c>RpcLog</c> messages with their category and level.
 /// </summary>
-public sealed class WorkerChannel(string workerId, ILoggerFactory loggers)
+public sealed class WorkerChannel(string workerId, ILoggerFactory loggers, TimeSpan? functionTimeout = null)
 {
     private readonly Channel<StreamingMessage> _outbound = Channel.CreateUnbounded<StreamingMessage>(new UnboundedChannelOptions { SingleReader = true });
     private readonly ConcurrentDictionary<string, TaskCompletionSource<StreamingMessage>> _pending = new(StringComparer.Ordinal);
@@ -74,9 +80,22 @@ public sealed class WorkerChannel(string workerId, ILoggerFactory loggers)
     public async Task<FunctionLoadResponse> LoadAsync(FunctionLoadRequest request, TimeSpan timeout, CancellationToken cancellationToken) =>
         (await RequestAsync($"load:{request.FunctionId}", new StreamingMessage { FunctionLoadRequest = request }, timeout, cancellationToken)).FunctionLoadResponse;
 
-    /// <summary>Sends one invocation and waits for its response (no timeout: host.json's functionTimeout is the caller's).</summary>
-    public async Task<InvocationResponse> InvokeAsync(InvocationRequest request, CancellationToken cancellationToken) =>
-        (await RequestAsync($"invoke:{request.InvocationId}", new StreamingMessage { InvocationRequest = request }, Timeout.InfiniteTimeSpan, cancellationToken)).InvocationResponse;
+    /// <summary>Sends one invocation and waits for its response, at most host.json's <c>functionTimeout</c>.</summary>
+    /// <exception cref="FunctionTimeoutException">The function ran past functionTimeout (the worker is told to cancel it).</exception>
+    public async Task<InvocationResponse> InvokeAsync(InvocationRequest request, CancellationToken cancellationToken)
+    {
+        var limit = functionTimeout ?? Timeout.InfiniteTimeSpan;
+        try
+        {
+            return (await RequestAsync($"invoke:{request.InvocationId}", new StreamingMessage { InvocationRequest = request }, limit, cancellationToken)).InvocationResponse;
+        }
+        catch (TimeoutException)
+        {
+            Send(new StreamingMessage { InvocationCancel = new InvocationCancel { InvocationId = request.InvocationId } });
+            _logger.LogError("Timeout value of {Timeout} exceeded by function {FunctionId} (invocation {InvocationId}); cancelling it (host.json functionTimeout)", limit, request.FunctionId, request.InvocationId);
+            throw new FunctionTimeoutException($"Timeout value of {limit} exceeded by function {request.FunctionId} (invocation {request.InvocationId}): host.json functionTimeout.");
+        }
+    }
 
     public void Send(StreamingMessage message) => _outbound.Writer.TryWrite(message);
 
@@ -120,6 +139,10 @@ public sealed class WorkerChannel(string workerId, ILoggerFactory loggers)
             try
             {
                 return await response.Task.WaitAsync(timeout, cancellationToken);
+            }
+            catch (TimeoutException) when (message.ContentCase == StreamingMessage.ContentOneofCase.InvocationRequest)
+            {
+                throw;
             }
             catch (TimeoutException)
             {

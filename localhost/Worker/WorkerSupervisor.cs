@@ -37,6 +37,9 @@ public sealed class WorkerSupervisor(LocalHostOptions options, IHostApplicationL
 
     public int Starts { get; private set; }
 
+    /// <summary>host.json <c>functionTimeout</c>: every invocation's limit (null: none, <c>-1</c>).</summary>
+    public TimeSpan? FunctionTimeout => options.FunctionTimeout;
+
     /// <summary>Called by the gRPC service when a worker opens its stream with <c>StartStream</c>.</summary>
     public bool Connect(WorkerChannel channel) =>
         _connecting.TryGetValue(channel.WorkerId, out var waiting) && waiting.TrySetResult(channel);

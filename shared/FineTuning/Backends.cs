@@ -1,11 +1,8 @@
 using System.Collections.Concurrent;
 using System.Diagnostics;
 using System.Net;
-using System.Net.Http.Headers;
-using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
-using Azure.Core;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
@@ -38,6 +35,8 @@ public sealed class FineTuneOptions
     public LocalBackendOptions Local { get; set; } = new();
     public AzureMlOptions AzureMl { get; set; } = new();
     public ContainerAppsOptions ContainerApps { get; set; } = new();
+    /// <summary>Retries, back-off and long-running operations of the cloud backends' ARM calls.</summary>
+    public ArmOptions Arm { get; set; } = new();
     /// <summary>Environment variables every cloud trainer gets (for example <c>AzureWebJobsStorage__blobServiceUri</c>).</summary>
     public Dictionary<string, string> TrainerEnvironment { get; set; } = [];
 }
@@ -214,33 +213,17 @@ public sealed class LocalProcessBackend(IOptions<FineTuneOptions> options, IConf
 }
 
 /// <summary>
-/// Shared by the cloud backends: ARM requests with a bearer token from Azure.Identity (managed identity in
-/// Azure) for <c>https://management.azure.com/.default</c>, and errors that carry ARM's message.
+/// Shared by the cloud backends: ARM requests through <see cref="ArmClient"/> (bearer token from Azure.Identity,
+/// managed identity in Azure; retries, <c>Retry-After</c>, long-running operations) and the trainer's environment.
 /// </summary>
-public abstract class ArmBackend(HttpClient http, TokenCredential credential)
+public abstract class ArmBackend(ArmClient arm)
 {
-    public const string ArmScope = "https://management.azure.com/.default";
+    public const string ArmScope = ArmClient.ArmScope;
 
-    protected async Task<JsonNode?> SendAsync(HttpMethod method, string url, JsonNode? body, CancellationToken cancellationToken, params HttpStatusCode[] accepted)
-    {
-        var token = await credential.GetTokenAsync(new TokenRequestContext([ArmScope]), cancellationToken);
-        using var request = new HttpRequestMessage(method, url);
-        request.Headers.Authorization = new AuthenticationHeaderValue("Bearer", token.Token);
-        if (body is not null)
-        {
-            request.Content = new StringContent(body.ToJsonString(), Encoding.UTF8, "application/json");
-        }
+    protected ArmClient Arm => arm;
 
-        using var response = await http.SendAsync(request, cancellationToken);
-        var text = await response.Content.ReadAsStringAsync(cancellationToken);
-        if (!accepted.Contains(response.StatusCode))
-        {
-            var message = text.Length > 0 && JsonNode.Parse(text)?["error"]?["message"]?.GetValue<string>() is { } armMessage ? armMessage : text;
-            throw new HttpRequestException($"{method} {url} answered {(int)response.StatusCode}: {message}", null, response.StatusCode);
-        }
-
-        return text.Length > 0 ? JsonNode.Parse(text) : null;
-    }
+    protected Task<JsonNode?> SendAsync(HttpMethod method, string url, JsonNode? body, CancellationToken cancellationToken, params HttpStatusCode[] accepted) =>
+        arm.SendAsync(method, url, body, cancellationToken, true, accepted);
 
     /// <summary>The trainer's environment: where the job is, plus the configured settings (storage account, identity).</summary>
     protected static Dictionary<string, string> TrainerEnvironment(JobSpec job, FineTuneOptions options)
@@ -274,7 +257,7 @@ public abstract class ArmBackend(HttpClient http, TokenCredential credential)
 /// Azure Machine Learning: a command job per attempt through the workspace REST API (job name = jobId, or
 /// jobId-aN for resubmissions), its status from GET, cancel by POST .../cancel. Untested against Azure.
 /// </summary>
-public sealed class AzureMlBackend(HttpClient http, TokenCredential credential, IOptions<FineTuneOptions> options) : ArmBackend(http, credential), IFineTuneBackend
+public sealed class AzureMlBackend(ArmClient arm, IOptions<FineTuneOptions> options) : ArmBackend(arm), IFineTuneBackend
 {
     public string Name => FineTuneBackends.AzureMl;
 
@@ -313,8 +296,25 @@ public sealed class AzureMlBackend(HttpClient http, TokenCredential credential, 
                 ["tags"] = new JsonObject { ["pipeline.jobId"] = job.JobId, ["pipeline.runId"] = job.RunId },
             },
         };
-        // PUT is idempotent per job name: a redelivered submission finds the same job.
-        await SendAsync(HttpMethod.Put, JobUrl(name), body, cancellationToken, HttpStatusCode.OK, HttpStatusCode.Created);
+        // The job's name is its key: a redelivered or concurrent submission finds the same job (looked up first:
+        // an existing job's PUT would be an update; a concurrent creation answers 409).
+        try
+        {
+            await SendAsync(HttpMethod.Get, JobUrl(name), null, cancellationToken, HttpStatusCode.OK);
+            return name;
+        }
+        catch (HttpRequestException e) when (e.StatusCode == HttpStatusCode.NotFound)
+        {
+        }
+
+        try
+        {
+            await SendAsync(HttpMethod.Put, JobUrl(name), body, cancellationToken, HttpStatusCode.OK, HttpStatusCode.Created);
+        }
+        catch (HttpRequestException e) when (e.StatusCode == HttpStatusCode.Conflict)
+        {
+        }
+
         return name;
     }
 
@@ -337,10 +337,13 @@ public sealed class AzureMlBackend(HttpClient http, TokenCredential credential, 
 }
 
 /// <summary>
-/// Azure Container Apps jobs on a GPU workload profile: an execution per attempt (start with the job id in the
-/// container's environment), its status from GET .../executions/{name}, stop by POST .../stop. Untested against Azure.
+/// Azure Container Apps jobs on a GPU workload profile: an execution per attempt (start with the job id and attempt
+/// in the container's environment), its status from GET .../executions/{name}, stop by POST .../stop. Untested against Azure.
+/// Executions cannot be named by the caller, so a start is keyed by job id and attempt: the executions are listed
+/// first (a redelivery, or a start whose reply was lost), and a claim blob (<c>jobs/{jobId}/executions/attempt-{n}.json</c>,
+/// written once) lets exactly one of concurrent submissions start; the others wait for its execution's name.
 /// </summary>
-public sealed class ContainerAppsBackend(HttpClient http, TokenCredential credential, IOptions<FineTuneOptions> options) : ArmBackend(http, credential), IFineTuneBackend
+public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, IOptions<FineTuneOptions> options) : ArmBackend(arm), IFineTuneBackend
 {
     public string Name => FineTuneBackends.ContainerApps;
 
@@ -352,7 +355,96 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
 
     private string JobUrl(string suffix) => $"{Settings.Endpoint.TrimEnd('/')}{JobPath}{suffix}?api-version={Settings.ApiVersion}";
 
+    /// <summary>The container environment variable that keys an execution to its attempt (with <c>PIPELINE_JOB_ID</c>).</summary>
+    public const string AttemptVariable = "PIPELINE_JOB_ATTEMPT";
+
     public async Task<string?> SubmitAsync(JobSpec job, int attempt, CancellationToken cancellationToken)
+    {
+        var claim = ExecutionClaims.Blob(storage, job.JobId, attempt);
+        var stale = options.Value.Arm.OperationTimeout + options.Value.Arm.NetworkTimeout;
+        while (true)
+        {
+            if (await FindExecutionAsync(job.JobId, attempt, cancellationToken) is { } existing)
+            {
+                return existing;
+            }
+
+            if (await BlobJson.WriteOnceAsync(claim, new ExecutionClaim(job.JobId, attempt, DateTimeOffset.UtcNow, null), ExecutionClaimJson.Default.ExecutionClaim, cancellationToken))
+            {
+                return await StartAsync(job, attempt, claim, cancellationToken);
+            }
+
+            // Another submission holds the claim: its execution, once it has one; the claim taken over when it went
+            // stale (that submitter died between claim and start); from the top when it was given up (its start failed).
+            while (await ReadClaimAsync(claim, cancellationToken) is var (current, etag))
+            {
+                if (current.Execution is { } name)
+                {
+                    return name;
+                }
+
+                if (DateTimeOffset.UtcNow - current.ClaimedAt > stale && await TakeOverAsync(claim, current, etag, cancellationToken))
+                {
+                    return await FindExecutionAsync(job.JobId, attempt, cancellationToken) ?? await StartAsync(job, attempt, claim, cancellationToken);
+                }
+
+                await Task.Delay(ClaimPollInterval, cancellationToken);
+            }
+        }
+    }
+
+    private static readonly TimeSpan ClaimPollInterval = TimeSpan.FromMilliseconds(250);
+
+    private static async Task<(ExecutionClaim Claim, Azure.ETag ETag)?> ReadClaimAsync(Azure.Storage.Blobs.BlobClient claim, CancellationToken cancellationToken)
+    {
+        try
+        {
+            var content = await claim.DownloadContentAsync(cancellationToken);
+            return (JsonSerializer.Deserialize(content.Value.Content.ToMemory().Span, ExecutionClaimJson.Default.ExecutionClaim)!, content.Value.Details.ETag);
+        }
+        catch (Azure.RequestFailedException e) when (e.Status == 404)
+        {
+            return null;
+        }
+    }
+
+    private static async Task<bool> TakeOverAsync(Azure.Storage.Blobs.BlobClient claim, ExecutionClaim current, Azure.ETag etag, CancellationToken cancellationToken)
+    {
+        try
+        {
+            await claim.UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(current with { ClaimedAt = DateTimeOffset.UtcNow }, ExecutionClaimJson.Default.ExecutionClaim)),
+                new Azure.Storage.Blobs.Models.BlobUploadOptions { Conditions = new Azure.Storage.Blobs.Models.BlobRequestConditions { IfMatch = etag } }, cancellationToken);
+            return true;
+        }
+        catch (Azure.RequestFailedException e) when (e.Status is 404 or 412)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>Starts the execution (a start is never retried blindly) and records its name in the claim.</summary>
+    private async Task<string> StartAsync(JobSpec job, int attempt, Azure.Storage.Blobs.BlobClient claim, CancellationToken cancellationToken)
+    {
+        string? name;
+        try
+        {
+            var response = await Arm.SendAsync(HttpMethod.Post, JobUrl("/start"), StartBody(job, attempt), cancellationToken, retryAmbiguous: false, HttpStatusCode.OK, HttpStatusCode.Accepted);
+            name = response?["name"]?.GetValue<string>() ?? await FindExecutionAsync(job.JobId, attempt, cancellationToken)
+                ?? throw new HttpRequestException("Container Apps accepted the start but named no execution, and none is listed yet for this attempt; the next poll looks again.");
+        }
+        catch
+        {
+            // The claim is given up: a later submission lists the executions first (a start whose reply was lost is
+            // found there), then claims again.
+            await claim.DeleteIfExistsAsync(cancellationToken: CancellationToken.None);
+            throw;
+        }
+
+        await BlobJson.WriteAsync(claim, new ExecutionClaim(job.JobId, attempt, DateTimeOffset.UtcNow, name), ExecutionClaimJson.Default.ExecutionClaim, cancellationToken);
+        return name;
+    }
+
+    private JsonObject StartBody(JobSpec job, int attempt)
     {
         var env = new JsonArray();
         foreach (var (key, value) in TrainerEnvironment(job, options.Value))
@@ -360,6 +452,7 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
             env.Add(new JsonObject { ["name"] = key, ["value"] = value });
         }
 
+        env.Add(new JsonObject { ["name"] = AttemptVariable, ["value"] = attempt.ToString(System.Globalization.CultureInfo.InvariantCulture) });
         var command = new JsonArray();
         foreach (var part in Settings.Command)
         {
@@ -367,7 +460,7 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
         }
 
         // The override repeats the template's container (name, image, resources): the API does not say whether it merges.
-        var body = new JsonObject
+        return new JsonObject
         {
             ["containers"] = new JsonArray
             {
@@ -382,10 +475,37 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
                 },
             },
         };
-        var response = await SendAsync(HttpMethod.Post, JobUrl("/start"), body, cancellationToken, HttpStatusCode.OK, HttpStatusCode.Accepted);
-        return response?["name"]?.GetValue<string>()
-            ?? throw new HttpRequestException("Container Apps accepted the start but returned no execution name (202 without a body); the next poll resubmits.");
     }
+
+    /// <summary>The execution started for this job and attempt (its container's environment says so), or null: the executions list, page by page.</summary>
+    public async Task<string?> FindExecutionAsync(string jobId, int attempt, CancellationToken cancellationToken)
+    {
+        var attemptText = attempt.ToString(System.Globalization.CultureInfo.InvariantCulture);
+        string? url = JobUrl("/executions");
+        for (var page = 0; url is not null && page < MaxExecutionPages; page++)
+        {
+            var list = await SendAsync(HttpMethod.Get, url, null, cancellationToken, HttpStatusCode.OK);
+            foreach (var execution in list?["value"]?.AsArray() ?? [])
+            {
+                var containers = execution?["properties"]?["template"]?["containers"]?.AsArray() ?? [];
+                if (containers.Any(c => Variable(c, "PIPELINE_JOB_ID") == jobId && Variable(c, AttemptVariable) == attemptText)
+                    && execution?["name"]?.GetValue<string>() is { } name)
+                {
+                    return name;
+                }
+            }
+
+            url = list?["nextLink"]?.GetValue<string>();
+        }
+
+        return null;
+    }
+
+    /// <summary>Container Apps keeps a bounded execution history; more pages than this are not looked through.</summary>
+    private const int MaxExecutionPages = 20;
+
+    private static string? Variable(JsonNode? container, string name) =>
+        (container?["env"]?.AsArray() ?? []).FirstOrDefault(e => e?["name"]?.GetValue<string>() == name)?["value"]?.GetValue<string>();
 
     public async Task<BackendState> GetStateAsync(JobSpec job, JobSubmission submission, CancellationToken cancellationToken)
     {
@@ -403,3 +523,16 @@ public sealed class ContainerAppsBackend(HttpClient http, TokenCredential creden
     public Task CancelAsync(JobSpec job, JobSubmission submission, CancellationToken cancellationToken) =>
         SendAsync(HttpMethod.Post, JobUrl($"/executions/{submission.Handle}/stop"), null, cancellationToken, HttpStatusCode.OK, HttpStatusCode.Accepted);
 }
+
+/// <summary>One Container Apps start per job and attempt: who claimed it, and the execution once started. Schema 1.</summary>
+public sealed record ExecutionClaim(string JobId, int Attempt, DateTimeOffset ClaimedAt, string? Execution, int SchemaVersion = 1);
+
+internal static class ExecutionClaims
+{
+    public static Azure.Storage.Blobs.BlobClient Blob(StorageClients storage, string jobId, int attempt) =>
+        storage.Container(StorageNames.Containers.Jobs).GetBlobClient($"{jobId}/executions/attempt-{attempt}.json");
+}
+
+[System.Text.Json.Serialization.JsonSourceGenerationOptions(PropertyNamingPolicy = System.Text.Json.Serialization.JsonKnownNamingPolicy.CamelCase)]
+[System.Text.Json.Serialization.JsonSerializable(typeof(ExecutionClaim))]
+internal sealed partial class ExecutionClaimJson : System.Text.Json.Serialization.JsonSerializerContext;

@@ -12,7 +12,9 @@ public static class FineTuningServices
         services.AddSingleton<FineTuneHandler>();
         services.AddSingleton<Azure.Core.TokenCredential>(_ => new Azure.Identity.DefaultAzureCredential());
         services.AddSingleton<IFineTuneBackend, LocalProcessBackend>();
-        services.AddSingleton(_ => new HttpClient { Timeout = TimeSpan.FromSeconds(100) });
+        // The ARM pipeline's own NetworkTimeout and retries govern; the factory's client only carries the requests.
+        services.AddHttpClient(ArmClient.HttpClientName, http => http.Timeout = Timeout.InfiniteTimeSpan);
+        services.AddSingleton(s => new ArmClient(s.GetRequiredService<IHttpClientFactory>(), s.GetRequiredService<Azure.Core.TokenCredential>(), s.GetRequiredService<Microsoft.Extensions.Options.IOptions<FineTuneOptions>>()));
         services.AddSingleton<AzureMlBackend>();
         services.AddSingleton<ContainerAppsBackend>();
         services.AddSingleton<IFineTuneBackend>(s => s.GetRequiredService<AzureMlBackend>());

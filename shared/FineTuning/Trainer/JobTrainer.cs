@@ -19,13 +19,19 @@ namespace Pipeline.FineTuning.Trainer;
 /// one trainer works on a job at a time), reads the spec, the prepared shards and the base model, writes
 /// <c>status.json</c> heartbeats and <c>metrics.jsonl</c>, stops when <c>cancel.json</c> appears, and
 /// finally writes the model folder (one merged <c>model.onnx</c>, tokenizer files, <c>model.json</c> last).
+/// The status has one writer (<see cref="JobStatusWriter"/>), and metrics are uploaded off the training thread.
+/// Cancelling <c>RunAsync</c>'s token (the trainer program does on SIGTERM and Ctrl+C) stops it at the next batch:
+/// status <c>cancelled</c>, lease released.
 /// </summary>
 public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSettings> inference, ILogger<JobTrainer> logger)
 {
     public const string LeaseStage = "trainer";
     private static readonly TimeSpan LeaseWait = TimeSpan.FromSeconds(45);
 
-    private JobStatus _status = new() { State = JobStates.Running, Time = DateTimeOffset.UtcNow };
+    /// <summary>The status's error when the trainer was stopped from outside (SIGTERM: the container stopped, the host shut down).</summary>
+    public const string StoppedError = "Stopped by a termination signal before the job ended (SIGTERM: the execution was stopped or its node shut down).";
+
+    private JobStatusWriter _status = null!;
 
     /// <summary>Runs a job to its end; returns the process exit code (0 succeeded, cancelled or held by another trainer; 1 failed).</summary>
     public async Task<int> RunAsync(string jobId, CancellationToken cancellationToken)
@@ -50,31 +56,29 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
             var attempt = (await BlobJson.ReadAsync(job.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))?.Attempt ?? 1;
             using var cancel = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
             using var stopHeartbeat = new CancellationTokenSource();
-            _status = new JobStatus { State = JobStates.Running, Attempt = attempt, Epochs = spec.Hyperparameters.Epochs, Worker = Worker, Time = DateTimeOffset.UtcNow };
-            await WriteStatusAsync(job, CancellationToken.None);
+            _status = new JobStatusWriter(job.Status, new JobStatus { State = JobStates.Running, Attempt = attempt, Epochs = spec.Hyperparameters.Epochs, Worker = Worker, Time = DateTimeOffset.UtcNow });
+            await _status.WriteAsync(CancellationToken.None);
             var heartbeat = HeartbeatAsync(job, spec, cancel, stopHeartbeat.Token);
             try
             {
                 var metrics = await TrainAsync(job, spec, cancel.Token);
                 await StopAsync(stopHeartbeat, heartbeat);
-                _status = _status with { State = JobStates.Succeeded, Progress = 1, Metrics = metrics, Time = DateTimeOffset.UtcNow };
-                await WriteStatusAsync(job, CancellationToken.None);
+                await _status.WriteFinalAsync(s => s with { State = JobStates.Succeeded, Progress = 1, Metrics = metrics });
                 logger.LogInformation("Job {JobId} finished: model {ModelId}, validation accuracy {Accuracy:P1}", jobId, spec.OutputModelId, metrics.GetValueOrDefault("validationAccuracy"));
                 return 0;
             }
             catch (OperationCanceledException) when (cancel.IsCancellationRequested)
             {
                 await StopAsync(stopHeartbeat, heartbeat);
-                _status = _status with { State = JobStates.Cancelled, Error = "Cancelled (jobs/<jobId>/cancel.json).", Time = DateTimeOffset.UtcNow };
-                await WriteStatusAsync(job, CancellationToken.None);
-                logger.LogInformation("Job {JobId} was cancelled", jobId);
+                var stopped = cancellationToken.IsCancellationRequested;
+                await _status.WriteFinalAsync(s => s with { State = JobStates.Cancelled, Error = stopped ? StoppedError : "Cancelled (jobs/<jobId>/cancel.json)." });
+                logger.LogInformation("Job {JobId} was {How}", jobId, stopped ? "stopped by a termination signal" : "cancelled");
                 return 0;
             }
             catch (Exception e)
             {
                 await StopAsync(stopHeartbeat, heartbeat);
-                _status = _status with { State = JobStates.Failed, Error = $"{e.GetType().Name}: {e.Message}", Time = DateTimeOffset.UtcNow };
-                await WriteStatusAsync(job, CancellationToken.None);
+                await _status.WriteFinalAsync(s => s with { State = JobStates.Failed, Error = $"{e.GetType().Name}: {e.Message}" });
                 logger.LogError(e, "Job {JobId} failed", jobId);
                 return 1;
             }
@@ -124,8 +128,7 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
                     await cancel.CancelAsync();
                 }
 
-                _status = _status with { Time = DateTimeOffset.UtcNow };
-                await WriteStatusAsync(job, stop);
+                await _status.WriteAsync(stop);
             }
             catch (OperationCanceledException)
             {
@@ -137,9 +140,6 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
             }
         }
     }
-
-    private Task WriteStatusAsync(JobFiles job, CancellationToken cancellationToken) =>
-        BlobJson.WriteAsync(job.Status, _status, FineTuneJson.Default.JobStatus, cancellationToken);
 
     private async Task<Dictionary<string, double>> TrainAsync(JobFiles job, JobSpec spec, CancellationToken cancellationToken)
     {
@@ -190,28 +190,37 @@ public sealed class JobTrainer(StorageClients storage, IOptions<InferenceSetting
         }
 
         var trainer = new ClassifierTrainer(spec.Hyperparameters, spec.Labels.Count, hidden);
-        var history = new List<EpochMetrics>();
-        var lastWrite = DateTimeOffset.MinValue;
-        var result = trainer.Train(train, validation, embeddings, p =>
+        var history = new StringBuilder();
+        var metricsUpload = new LatestUpload(job.Metrics, logger);
+        TrainedClassifier result;
+        try
         {
-            _status = _status with { Epoch = p.Epoch, Step = p.Step, Steps = p.Steps, Progress = Math.Round((double)p.Step / Math.Max(1, p.Steps), 4) };
-            if (p.Completed is { } epoch)
+            // Training is synchronous and CPU-bound: on its own thread, so the heartbeat and uploads keep their threads.
+            result = await Task.Factory.StartNew(() => trainer.Train(train, validation, embeddings, p =>
             {
-                history.Add(epoch);
-                _status = _status with
+                _status.Update(s => s with { Epoch = p.Epoch, Step = p.Step, Steps = p.Steps, Progress = Math.Round((double)p.Step / Math.Max(1, p.Steps), 4) });
+                if (p.Completed is { } epoch)
                 {
-                    Metrics = new Dictionary<string, double>
+                    _status.Update(s => s with
                     {
-                        ["trainLoss"] = epoch.TrainLoss,
-                        ["validationLoss"] = epoch.ValidationLoss,
-                        ["validationAccuracy"] = epoch.ValidationAccuracy,
-                        ["validationMacroF1"] = epoch.ValidationMacroF1,
-                    },
-                };
-                var lines = string.Concat(history.Select(h => JsonSerializer.Serialize(h, FineTuneJson.Default.EpochMetrics).ReplaceLineEndings("") + "\n"));
-                job.Metrics.Upload(new BinaryData(Encoding.UTF8.GetBytes(lines)), overwrite: true, cancellationToken);
-            }
-        }, cancellationToken);
+                        Metrics = new Dictionary<string, double>
+                        {
+                            ["trainLoss"] = epoch.TrainLoss,
+                            ["validationLoss"] = epoch.ValidationLoss,
+                            ["validationAccuracy"] = epoch.ValidationAccuracy,
+                            ["validationMacroF1"] = epoch.ValidationMacroF1,
+                        },
+                    });
+                    history.Append(JsonSerializer.Serialize(epoch, FineTuneJson.Default.EpochMetrics).ReplaceLineEndings("")).Append('\n');
+                    // metrics.jsonl holds the whole history: the newest document supersedes any not yet uploaded.
+                    metricsUpload.Offer(Encoding.UTF8.GetBytes(history.ToString()));
+                }
+            }, cancellationToken), cancellationToken, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        }
+        finally
+        {
+            await metricsUpload.CompleteAsync();
+        }
 
         var best = result.Epochs.Single(e => e.Epoch == result.BestEpoch);
         var baseline = ClassifierTrainer.MajorityBaseline(validation.Labels, spec.Labels.Count);
@@ -346,4 +355,114 @@ public sealed class JobFiles(StorageClients storage, string jobId)
     /// <summary><c>waiting/&lt;runId&gt;</c>: another run that asked for this job while it trained; the monitor finishes it too.</summary>
     public Azure.Storage.Blobs.BlobClient Waiting(string runId) => Blob($"waiting/{runId}");
     public string WaitingPrefix => $"{jobId}/waiting/";
+}
+
+/// <summary>
+/// The only writer of <c>status.json</c>: the training thread and the heartbeat update the status under one lock,
+/// writes are serialized (a heartbeat never lands after the final state), and nothing is written after the final one.
+/// </summary>
+public sealed class JobStatusWriter(Azure.Storage.Blobs.BlobClient blob, JobStatus initial)
+{
+    private readonly Lock _lock = new();
+    private readonly SemaphoreSlim _write = new(1, 1);
+    private JobStatus _status = initial;
+    private bool _final;
+
+    public JobStatus Current
+    {
+        get
+        {
+            lock (_lock)
+            {
+                return _status;
+            }
+        }
+    }
+
+    public void Update(Func<JobStatus, JobStatus> change)
+    {
+        lock (_lock)
+        {
+            _status = change(_status);
+        }
+    }
+
+    /// <summary>Writes the current status with the time now (a heartbeat); nothing once the final status is written.</summary>
+    public Task WriteAsync(CancellationToken cancellationToken) => WriteAsync(null, final: false, cancellationToken);
+
+    /// <summary>Writes the end state; later heartbeats write nothing.</summary>
+    public Task WriteFinalAsync(Func<JobStatus, JobStatus> change) => WriteAsync(change, final: true, CancellationToken.None);
+
+    private async Task WriteAsync(Func<JobStatus, JobStatus>? change, bool final, CancellationToken cancellationToken)
+    {
+        await _write.WaitAsync(cancellationToken);
+        try
+        {
+            if (_final)
+            {
+                return;
+            }
+
+            JobStatus snapshot;
+            lock (_lock)
+            {
+                _status = (change?.Invoke(_status) ?? _status) with { Time = DateTimeOffset.UtcNow };
+                snapshot = _status;
+                _final = final;
+            }
+
+            await BlobJson.WriteAsync(blob, snapshot, FineTuneJson.Default.JobStatus, cancellationToken);
+        }
+        finally
+        {
+            _write.Release();
+        }
+    }
+}
+
+/// <summary>
+/// Uploads a document that each version supersedes (metrics.jsonl) off the caller's thread: a bounded channel of
+/// one, newest wins; <see cref="CompleteAsync"/> waits for the last one. A failed upload is logged and retried with
+/// the next version; the last version's failure surfaces from <see cref="CompleteAsync"/>.
+/// </summary>
+public sealed class LatestUpload
+{
+    private readonly System.Threading.Channels.Channel<byte[]> _pending = System.Threading.Channels.Channel.CreateBounded<byte[]>(
+        new System.Threading.Channels.BoundedChannelOptions(1) { FullMode = System.Threading.Channels.BoundedChannelFullMode.DropOldest, SingleReader = true });
+    private readonly Task _uploader;
+
+    public LatestUpload(Azure.Storage.Blobs.BlobClient blob, ILogger logger)
+    {
+        _uploader = Task.Run(async () =>
+        {
+            Exception? last = null;
+            await foreach (var content in _pending.Reader.ReadAllAsync())
+            {
+                try
+                {
+                    await blob.UploadAsync(new BinaryData(content), overwrite: true);
+                    last = null;
+                }
+                catch (RequestFailedException e)
+                {
+                    logger.LogWarning(e, "Uploading {Blob} failed; the next version replaces it", blob.Name);
+                    last = e;
+                }
+            }
+
+            if (last is not null)
+            {
+                throw last;
+            }
+        });
+    }
+
+    /// <summary>Never blocks: the version waiting to be uploaded, if any, is replaced.</summary>
+    public void Offer(byte[] content) => _pending.Writer.TryWrite(content);
+
+    public Task CompleteAsync()
+    {
+        _pending.Writer.TryComplete();
+        return _uploader;
+    }
 }
