@@ -96,7 +96,7 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// </summary>
     public async Task<(RunRecord Run, bool Changed)> SucceedAsync(string runId, string eventType, Action<RunRecord> record, CancellationToken cancellationToken, bool reopenFinished = false)
     {
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        return await events.TransitionAsync(runId, eventType, r =>
         {
             if (reopenFinished ? r.Status == RunStatus.Cancelled : RunStatus.IsFinal(r.Status))
             {
@@ -106,12 +106,6 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             record(r);
             return true;
         }, cancellationToken);
-        if (changed)
-        {
-            await events.PublishAsync(eventType, run, cancellationToken);
-        }
-
-        return (run, changed);
     }
 
     /// <summary>
@@ -159,7 +153,7 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// <summary>The stage starts (or restarts on a redelivery).</summary>
     public async Task<RunRecord> StartAsync(string runId, string stage, int attempt, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        var (run, _) = await events.TransitionAsync(runId, RunEvents.Types.StageStarted, r =>
         {
             if (IsDone(r, stage))
             {
@@ -175,11 +169,6 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             also?.Invoke(r);
             return true;
         }, cancellationToken);
-        if (changed)
-        {
-            await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
-        }
-
         return run;
     }
 
@@ -200,13 +189,12 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// <summary>A transient failure: kept on the run so that, if the message is poisoned, the run says why.</summary>
     public async Task RetryingAsync(string runId, int attempt, Exception error)
     {
-        var run = await runs.UpdateAsync(runId, r =>
+        await events.TransitionAsync(runId, RunEvents.Types.StageRetrying, r =>
         {
             r.LastError = Describe(error);
             r.Attempt = attempt;
             return true;
         }, CancellationToken.None);
-        await events.PublishAsync(RunEvents.Types.StageRetrying, run, CancellationToken.None);
     }
 
     /// <summary>
@@ -216,7 +204,7 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// </summary>
     public async Task<RunRecord> FailAsync(string runId, string? stage, string code, string message, TimeSpan? elapsed, Action<RunRecord>? also = null, CancellationToken cancellationToken = default)
     {
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        var (run, _) = await events.TransitionAsync(runId, RunEvents.Types.RunFailed, r =>
         {
             if (RunStatus.IsFinal(r.Status))
             {
@@ -237,11 +225,6 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             also?.Invoke(r);
             return true;
         }, cancellationToken);
-        if (changed)
-        {
-            await events.PublishAsync(RunEvents.Types.RunFailed, run, cancellationToken);
-        }
-
         return run;
     }
 
@@ -256,7 +239,7 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             return null;
         }
 
-        var (run, changed) = await runs.TryUpdateAsync(runId, r =>
+        var (run, _) = await events.TransitionAsync(runId, RunEvents.Types.RunCancelled, r =>
         {
             if (RunStatus.IsFinal(r.Status))
             {
@@ -270,11 +253,6 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
             r.EndedAt = DateTimeOffset.UtcNow;
             return true;
         }, cancellationToken);
-        if (changed)
-        {
-            await events.PublishAsync(RunEvents.Types.RunCancelled, run, cancellationToken);
-        }
-
         return run;
     }
 
