@@ -139,7 +139,9 @@ public sealed partial class FineTuneHandler
                 case JobStates.Failed:
                     await FailAsync(job, FineTuneErrorCodes.TrainerFailed, $"The trainer failed: {status.Error}", elapsed, status, cancellationToken);
                     return JobStates.Failed;
-                case JobStates.Cancelled:
+                // A trainer stopped by a signal (its node shut down, its execution was stopped) did not cancel the run:
+                // the backend's state and the heartbeat rules below decide, and a lost trainer is resubmitted.
+                case JobStates.Cancelled when status.Error != JobTrainer.StoppedError:
                     await transitions.CancelAsync(job.RunId, "the trainer reported the job cancelled", cancellationToken);
                     return JobStates.Cancelled;
             }

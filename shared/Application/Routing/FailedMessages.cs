@@ -44,9 +44,14 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTra
     public const string InvalidKind = "invalid";
     public const string PoisonErrorCode = "PoisonMessage";
 
-    /// <summary>How many times in a row a message may wait for its busy run before it is given up on (app setting <c>Pipeline__Messaging__MaxDeferrals</c>).</summary>
+    /// <summary>
+    /// How many times in a row a message may wait for its busy run before it is given up on (app setting
+    /// <c>Pipeline__Messaging__MaxDeferrals</c>). The default waits 40 minutes at the default delay: longer than
+    /// host.json's <c>functionTimeout</c> (30 minutes), so a duplicate delivery never outwaits, and fails, a
+    /// stage that is still working.
+    /// </summary>
     public const string MaxDeferralsSetting = "Pipeline:Messaging:MaxDeferrals";
-    public const int DefaultMaxDeferrals = 20;
+    public const int DefaultMaxDeferrals = 120;
 
     /// <summary>The property a deferred message carries its count of deferrals in (a re-sent queue message starts its dequeue count again).</summary>
     public const string DeferralsProperty = "deferrals";

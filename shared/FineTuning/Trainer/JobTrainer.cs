@@ -435,24 +435,18 @@ public sealed class LatestUpload
     {
         _uploader = Task.Run(async () =>
         {
-            Exception? last = null;
+            // A failed upload never fails the job: metrics.jsonl is a progress view, the job's result is the model
+            // and status.json. The next version replaces a failed one; a failure of the last one is only logged.
             await foreach (var content in _pending.Reader.ReadAllAsync())
             {
                 try
                 {
                     await blob.UploadAsync(new BinaryData(content), overwrite: true);
-                    last = null;
                 }
-                catch (RequestFailedException e)
+                catch (Exception e) when (e is not OperationCanceledException)
                 {
                     logger.LogWarning(e, "Uploading {Blob} failed; the next version replaces it", blob.Name);
-                    last = e;
                 }
-            }
-
-            if (last is not null)
-            {
-                throw last;
             }
         });
     }
