@@ -175,6 +175,10 @@ public static class RunsCommands
         _ => $"{run.Stage}: {run.Status}, {counts.GetValueOrDefault("read"):N0} records read",
     };
 
+    /// <summary>The preprocessing statistics a run points to (<c>container/path</c>), or null.</summary>
+    private static async Task<Pipeline.Preprocessing.PreparedStats?> ReadStatsAsync(StorageClients storage, string path, CancellationToken cancellationToken) =>
+        storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, Pipeline.Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken) : null;
+
     public static async Task PrintAsync(ParseResult parse, RunStore runs, RunRecord run, CancellationToken cancellationToken)
     {
         if (CliOptions.Json(parse))
@@ -183,7 +187,7 @@ public static class RunsCommands
             return;
         }
 
-        var stats = run.GetArtifacts().TryGetValue("stats", out var statsPath) ? await runs.ReadStatsAsync(statsPath, cancellationToken) : null;
+        var stats = run.GetArtifacts().TryGetValue("stats", out var statsPath) ? await ReadStatsAsync(CliOptions.Storage(parse), statsPath, cancellationToken) : null;
         var color = run.Status switch { RunStatus.Failed => "red", RunStatus.Succeeded => "green", _ => "yellow" };
         if (run.Error is not null && run.Status == RunStatus.CompletedWithFailures)
         {

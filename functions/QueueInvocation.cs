@@ -26,7 +26,7 @@ public sealed class QueueInvocation(FailedMessages failed, ILogger<QueueInvocati
         catch (Exception e) when (e is RunBusyException or LeaseLostException)
         {
             // Busy, or this instance lost the stage's lease mid-way (whoever holds it now carries on): try again later, a bounded number of times.
-            await failed.DeferAsync(queue, message, messageId, e.Message, cancellationToken);
+            await failed.DeferAsync(queue, message, messageId, e, cancellationToken);
         }
         catch (InvalidMessageException e)
         {

@@ -1,5 +1,4 @@
 using Microsoft.Azure.Functions.Worker;
-using Pipeline.Ingestion;
 using Pipeline.Messaging;
 using Pipeline.Storage;
 
@@ -9,11 +8,11 @@ namespace Pipeline.Functions.Triggers;
 /// The queue-triggered stages. Each function hands its message to one stage handler; the attempt number
 /// (<c>DequeueCount</c>) and message id come from the queue trigger's metadata.
 /// </summary>
-public sealed class StageFunctions(QueueInvocation invocation, IngestHandler ingest, CommandRouter commands, StageMessages stages)
+public sealed class StageFunctions(QueueInvocation invocation, BlobDrops drops, CommandRouter commands, StageMessages stages)
 {
     [Function("Ingest")]
     public Task IngestAsync([QueueTrigger(StorageNames.Queues.BlobCreated)] string message, int dequeueCount, string id, CancellationToken cancellationToken) =>
-        invocation.RunAsync(StorageNames.Queues.BlobCreated, message, id, ct => ingest.HandleBlobCreatedAsync(message, dequeueCount, ct), cancellationToken);
+        invocation.RunAsync(StorageNames.Queues.BlobCreated, message, id, ct => drops.HandleAsync(message, dequeueCount, ct), cancellationToken);
 
     [Function("Commands")]
     public Task CommandsAsync([QueueTrigger(StorageNames.Queues.Commands)] string message, int dequeueCount, string id, CancellationToken cancellationToken) =>

@@ -69,7 +69,9 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
     /// <summary>One scan: an event for each blob version modified since the mark and not yet claimed; returns how many were enqueued.</summary>
     public async Task<int> ScanAsync(BlobContainerClient container, BlobContainerClient receipts, CancellationToken cancellationToken)
     {
-        var scanStarted = DateTimeOffset.UtcNow;
+        // The storage service's clock, not this host's: the mark is compared with the blobs' LastModified, and a host
+        // whose clock ran ahead by more than the overlap would skip blobs for good.
+        var scanStarted = await StorageNowAsync(receipts, cancellationToken);
         var mark = receipts.GetBlobClient($"blobscaninfo/{container.Name}");
         var (latestScan, markETag) = await ReadMarkAsync(mark, cancellationToken);
         var since = latestScan - _overlap;
@@ -89,7 +91,7 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
                 continue;
             }
 
-            if (await ClaimAsync(receipts.GetBlobClient($"blobreceipts/{StorageNames.Queues.BlobCreated}/{etag.ToString().Trim('"')}/{key}"), cancellationToken) is { } claim)
+            if (await ClaimAsync(receipts.GetBlobClient($"blobreceipts/{StorageNames.Queues.BlobCreated}/{etag.ToString().Trim('"')}/{key}"), scanStarted, cancellationToken) is { } claim)
             {
                 await storage.Queue(StorageNames.Queues.BlobCreated).SendMessageAsync(EventFor(container, blob), cancellationToken);
                 await claim.SetMetadataAsync(new Dictionary<string, string> { ["status"] = "enqueued" }, cancellationToken: cancellationToken);
@@ -112,6 +114,13 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
     }
 
     private static readonly DateTimeOffset Beginning = DateTimeOffset.UnixEpoch;
+
+    /// <summary>The storage service's time (its Date header, to the second, so one second earlier), or this host's when it sends none.</summary>
+    private static async Task<DateTimeOffset> StorageNowAsync(BlobContainerClient container, CancellationToken cancellationToken)
+    {
+        var response = await container.GetPropertiesAsync(cancellationToken: cancellationToken);
+        return (response.GetRawResponse().Headers.Date ?? DateTimeOffset.UtcNow) - TimeSpan.FromSeconds(1);
+    }
 
     /// <summary>The shared mark (the start of the latest complete scan by any host); the minimum time when there is none yet.</summary>
     private static async Task<(DateTimeOffset LatestScan, ETag? ETag)> ReadMarkAsync(BlobClient mark, CancellationToken cancellationToken)
@@ -150,7 +159,7 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
     }
 
     /// <summary>Takes the receipt for one blob version: true for the first claimant, or when an earlier claim was abandoned.</summary>
-    private static async Task<BlobClient?> ClaimAsync(BlobClient receipt, CancellationToken cancellationToken)
+    private static async Task<BlobClient?> ClaimAsync(BlobClient receipt, DateTimeOffset now, CancellationToken cancellationToken)
     {
         try
         {
@@ -164,7 +173,7 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
         catch (RequestFailedException e) when (e.Status is 409 or 412)
         {
             var properties = (await receipt.GetPropertiesAsync(cancellationToken: cancellationToken)).Value;
-            if ((properties.Metadata.TryGetValue("status", out var status) ? status : null) != "claimed" || DateTimeOffset.UtcNow - properties.LastModified < AbandonedReceipt)
+            if ((properties.Metadata.TryGetValue("status", out var status) ? status : null) != "claimed" || now - properties.LastModified < AbandonedReceipt)
             {
                 return null;
             }

@@ -34,7 +34,7 @@ internal sealed class BatchSplitter(StorageClients storage, RunStore runs, RunTr
             if (await runs.GetAsync(existing.RunId, cancellationToken) is { } other && !RunStatus.IsFinal(other.Status))
             {
                 // Another run is producing this very batch (same model, input and options): this run waits for its manifest.
-                throw new RunBusyException($"Batch {batch.BatchId} is being produced for run {existing.RunId}; run {runId} takes its results when it is done.");
+                throw new RunBusyException($"Batch {batch.BatchId} is being produced for run {existing.RunId}; run {runId} takes its results when it is done.") { WaitsOnLiveRun = true };
             }
 
             // The run that started it ended (cancelled, failed) before the batch did: this run takes the batch over.

@@ -25,7 +25,6 @@ public sealed class IngestHandler(
     RunTransitions transitions,
     QueueSender sender,
     BlobCopier copier,
-    Models.ModelDropHandler modelDrops,
     IOptions<IngestionOptions> options,
     ILogger<IngestHandler> logger)
 {
@@ -33,44 +32,6 @@ public sealed class IngestHandler(
     private readonly IngestionOptions _options = options.Value;
 
     public static string StagingPath(string runId, string file) => $"{StagingPrefix}/{runId}/{file}";
-
-    /// <summary>Handles one Event Grid event from the <c>blob-created</c> queue.</summary>
-    public async Task HandleBlobCreatedAsync(string message, int dequeueCount, CancellationToken cancellationToken)
-    {
-        BlobCreatedEvent? blobEvent;
-        try
-        {
-            var trimmed = message.TrimStart();
-            blobEvent = trimmed.StartsWith('[')
-                ? JsonSerializer.Deserialize(message, PipelineJson.Default.BlobCreatedEventArray)?.FirstOrDefault()
-                : JsonSerializer.Deserialize(message, PipelineJson.Default.BlobCreatedEvent);
-        }
-        catch (JsonException e)
-        {
-            throw new InvalidMessageException($"The blob-created message is not an Event Grid event: {e.Message}");
-        }
-
-        if (blobEvent is null || blobEvent.EventType != BlobCreatedEvent.EventTypeName || blobEvent.ParseSubject() is not { } target)
-        {
-            logger.LogInformation("Ignoring event {EventType} for {Subject}", blobEvent?.EventType, blobEvent?.Subject);
-            return;
-        }
-
-        if (target.Container == StorageNames.Containers.Models)
-        {
-            await modelDrops.HandleAsync(target.Blob, cancellationToken);
-            return;
-        }
-
-        if (target.Container != StorageNames.Containers.Incoming || target.Blob.EndsWith(RunSpec.FileSuffix, StringComparison.OrdinalIgnoreCase))
-        {
-            // Run specs are read with their data; other containers are not drop zones.
-            return;
-        }
-
-        var runId = RunIds.ForBlob(target.Container, target.Blob, blobEvent.Data.ETag);
-        await IngestAsync(new IngestRequest(target.Container, target.Blob, blobEvent.Data.ETag.Trim('"'), runId, Spec: null), dequeueCount, cancellationToken);
-    }
 
     /// <summary>Handles an <c>ingest</c> command naming a blob already in the account (<c>container/path</c>).</summary>
     public async Task HandleCommandAsync(IngestCommand command, string? runId, int dequeueCount, CancellationToken cancellationToken) =>
@@ -210,7 +171,9 @@ public sealed class IngestHandler(
             PipelineJson.Default.PreprocessRequest, cancellationToken: cancellationToken);
 
         // Cancelled while this delivery ingested: the dataset is kept (content-addressed), the run stays as it is.
-        var (run, changed) = await transitions.SucceedAsync(request.RunId, RunEvents.Types.StageSucceeded, r =>
+        // A dataset this run created is announced with the run's success, in the same table transaction.
+        IReadOnlyList<string> announced = created ? [RunEvents.Types.DatasetCreated, RunEvents.Types.StageSucceeded] : [RunEvents.Types.StageSucceeded];
+        var (run, changed) = await transitions.SucceedAsync(request.RunId, announced, r =>
         {
             r.DatasetId = datasetId;
             r.Stage = Stages.Preprocess;
@@ -225,13 +188,14 @@ public sealed class IngestHandler(
             r.SpecJson = spec is null ? null : JsonSerializer.Serialize(spec, PipelineJson.Default.RunSpec);
             r.LastError = null;
         }, cancellationToken);
-        if (created)
-        {
-            await events.PublishAsync(RunEvents.Types.DatasetCreated, run, cancellationToken);
-        }
-
         if (!changed)
         {
+            // Cancelled meanwhile: the dataset it created is still announced (it exists, and others may take it).
+            if (created)
+            {
+                await events.PublishAsync(RunEvents.Types.DatasetCreated, run, cancellationToken);
+            }
+
             return;
         }
 
@@ -260,7 +224,10 @@ public sealed class IngestHandler(
 
             if (existing.CopyStatus is CopyStatus.Failed or CopyStatus.Aborted)
             {
-                throw new IOException($"The copy into {destination.Name} by another run ended {existing.CopyStatus}; this delivery will be retried.");
+                // A dead copy is never committed (the manifest comes after the copies): remove it, only if it is still
+                // that copy, so the retry copies afresh instead of finding it in the way forever.
+                await destination.DeleteIfExistsAsync(conditions: new BlobRequestConditions { IfMatch = existing.ETag }, cancellationToken: cancellationToken);
+                throw new IOException($"The copy into {destination.Name} by another run ended {existing.CopyStatus}; it was removed and this delivery will be retried.");
             }
         }
     }

@@ -6,9 +6,15 @@ namespace Pipeline.Runs;
 
 /// <summary>
 /// Another instance is working on this run's stage right now. The message is put back with a delay
-/// rather than failed, so a busy run never uses up the message's delivery attempts.
+/// rather than failed, so a busy run never uses up the message's delivery attempts. It is put back a bounded
+/// number of times, except while <see cref="WaitsOnLiveRun"/>: then it waits for another run that is still making
+/// progress (an identical batch it shares), however long that run takes; that run ends one way or another.
 /// </summary>
-public sealed class RunBusyException(string message) : Exception(message);
+public sealed class RunBusyException(string message) : Exception(message)
+{
+    /// <summary>The wait is for another run that has not ended (not for a lease held by a stuck instance).</summary>
+    public bool WaitsOnLiveRun { get; init; }
+}
 
 /// <summary>
 /// A renewed blob lease that gives one instance a run's stage at a time, so two deliveries of the same

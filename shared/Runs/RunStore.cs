@@ -144,12 +144,6 @@ public sealed class RunStore(StorageClients storage)
         }
     }
 
-    /// <summary>The preprocessing statistics a run points to (<c>container/path</c>), or null.</summary>
-    public async Task<Preprocessing.PreparedStats?> ReadStatsAsync(string path, CancellationToken cancellationToken = default)
-    {
-        return storage.BlobAt(path) is { } blob ? await BlobJson.ReadAsync(blob, Preprocessing.PreprocessJson.Default.PreparedStats, cancellationToken) : null;
-    }
-
     /// <summary>
     /// The newest <paramref name="max"/> runs (optionally of one status), newest first. The table is read a page at
     /// a time and only the newest <paramref name="max"/> are kept, so memory stays bounded by <paramref name="max"/>

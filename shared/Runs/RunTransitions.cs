@@ -94,9 +94,13 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     /// (cancelled, or finished by another delivery) is left as it is and no event is sent; with
     /// <paramref name="reopenFinished"/> only a cancelled one is (a finished batch's run takes its merged retry).
     /// </summary>
-    public async Task<(RunRecord Run, bool Changed)> SucceedAsync(string runId, string eventType, Action<RunRecord> record, CancellationToken cancellationToken, bool reopenFinished = false)
+    public Task<(RunRecord Run, bool Changed)> SucceedAsync(string runId, string eventType, Action<RunRecord> record, CancellationToken cancellationToken, bool reopenFinished = false) =>
+        SucceedAsync(runId, [eventType], record, cancellationToken, reopenFinished);
+
+    /// <summary>As the single-event form, for a success announced by several events saved with it (in this order).</summary>
+    public async Task<(RunRecord Run, bool Changed)> SucceedAsync(string runId, IReadOnlyList<string> eventTypes, Action<RunRecord> record, CancellationToken cancellationToken, bool reopenFinished = false)
     {
-        return await events.TransitionAsync(runId, eventType, r =>
+        return await events.TransitionAsync(runId, eventTypes, r =>
         {
             if (reopenFinished ? r.Status == RunStatus.Cancelled : RunStatus.IsFinal(r.Status))
             {

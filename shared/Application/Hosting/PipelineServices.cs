@@ -25,6 +25,7 @@ public static class PipelineServices
     {
         services.AddSingleton<FailedMessages>();
         services.AddSingleton<CommandRouter>();
+        services.AddSingleton<BlobDrops>();
         services.AddSingleton<ServiceBusCommands>();
         services.AddSingleton<StageMessages>();
         return services;

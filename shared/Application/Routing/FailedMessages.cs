@@ -69,10 +69,27 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTra
     /// resolved to) written into it. After <see cref="MaxDeferrals"/> in a row it is given up on: recorded as
     /// poisoned with the reason, and its run failed with it.
     /// </summary>
-    public async Task DeferAsync(string queue, string message, string? messageId, string why, CancellationToken cancellationToken)
+    public Task DeferAsync(string queue, string message, string? messageId, string why, CancellationToken cancellationToken) =>
+        DeferAsync(queue, message, messageId, why, counted: true, cancellationToken);
+
+    /// <summary>
+    /// As <see cref="DeferAsync(string, string, string?, string, CancellationToken)"/> for the busy exception itself: a
+    /// message waiting on another live run (<see cref="RunBusyException.WaitsOnLiveRun"/>) waits without using up its deferrals.
+    /// </summary>
+    public Task DeferAsync(string queue, string message, string? messageId, Exception busy, CancellationToken cancellationToken) =>
+        DeferAsync(queue, message, messageId, busy.Message, counted: busy is not RunBusyException { WaitsOnLiveRun: true }, cancellationToken);
+
+    private async Task DeferAsync(string queue, string message, string? messageId, string why, bool counted, CancellationToken cancellationToken)
     {
         var runId = await RunIdOfAsync(queue, message, cancellationToken);
         var deferrals = DeferralsOf(message);
+        if (!counted)
+        {
+            await storage.Queue(queue).SendMessageAsync(WithDeferrals(message, deferrals, runId), DeferralDelay, cancellationToken: cancellationToken);
+            logger.LogInformation("Run {RunId} waits for another run ({Reason}); the {Queue} message waits {Delay}", runId, why, queue, DeferralDelay);
+            return;
+        }
+
         if (deferrals >= MaxDeferrals)
         {
             var reason = $"Gave up after waiting {deferrals} times ({DeferralDelay.TotalSeconds:N0} s each) for run {runId}, which stayed busy: {why} "

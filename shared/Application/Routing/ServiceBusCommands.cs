@@ -38,7 +38,7 @@ public sealed class ServiceBusCommands(CommandRouter router, FailedMessages fail
         }
         catch (RunBusyException e)
         {
-            await failed.DeferAsync(StorageNames.Queues.Commands, text, message.MessageId, e.Message, cancellationToken);
+            await failed.DeferAsync(StorageNames.Queues.Commands, text, message.MessageId, e, cancellationToken);
             logger.LogInformation("Service Bus command {MessageId}: {Reason}; it waits on the storage commands queue", message.MessageId, e.Message);
         }
         catch (InvalidMessageException e)

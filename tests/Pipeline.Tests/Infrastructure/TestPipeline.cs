@@ -40,6 +40,7 @@ public sealed class TestPipeline : IDisposable
     public RunStore Runs => _services.GetRequiredService<RunStore>();
     public Pipeline.Preprocessing.PreprocessHandler Preprocess => _services.GetRequiredService<Pipeline.Preprocessing.PreprocessHandler>();
     public StageMessages StageMessages => _services.GetRequiredService<StageMessages>();
+    public BlobDrops BlobDrops => _services.GetRequiredService<BlobDrops>();
 
     /// <summary>Uploads <paramref name="content"/> to incoming and returns the Event Grid event the subscription would deliver.</summary>
     public async Task<string> DropAsync(string name, byte[] content, string? spec = null)
@@ -68,7 +69,7 @@ public sealed class TestPipeline : IDisposable
     public async Task<RunRecord> IngestAsync(string name, string content, string? spec = null)
     {
         var message = await DropAsync(name, content, spec);
-        await Ingest.HandleBlobCreatedAsync(message, 1, CancellationToken.None);
+        await BlobDrops.HandleAsync(message, 1, CancellationToken.None);
         return (await Runs.GetAsync(FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, message)))!;
     }
 

@@ -30,7 +30,7 @@ public sealed class ConcurrentIngestTests(Azurite azurite) : IClassFixture<Azuri
                 {
                     try
                     {
-                        await pipeline.Ingest.HandleBlobCreatedAsync(message, attempt, CancellationToken.None);
+                        await pipeline.BlobDrops.HandleAsync(message, attempt, CancellationToken.None);
                         return;
                     }
                     catch (RunBusyException) when (attempt < 10)

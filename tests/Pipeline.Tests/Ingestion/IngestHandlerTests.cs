@@ -69,11 +69,11 @@ public sealed class IngestHandlerTests(Azurite azurite) : IClassFixture<Azurite>
         using var pipeline = Pipeline();
         var name = Unique("twice.jsonl");
         var message = await pipeline.DropAsync(name, "{\"text\":\"once\"}\n");
-        await pipeline.Ingest.HandleBlobCreatedAsync(message, 1, CancellationToken.None);
+        await pipeline.BlobDrops.HandleAsync(message, 1, CancellationToken.None);
         var runId = FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, message);
         var first = (await pipeline.Runs.GetAsync(runId))!;
 
-        await pipeline.Ingest.HandleBlobCreatedAsync(message, 2, CancellationToken.None);
+        await pipeline.BlobDrops.HandleAsync(message, 2, CancellationToken.None);
 
         var second = (await pipeline.Runs.GetAsync(runId))!;
         Assert.Equal(first.ETag, second.ETag);
@@ -107,7 +107,7 @@ public sealed class IngestHandlerTests(Azurite azurite) : IClassFixture<Azurite>
         var source = pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name);
         var etagBefore = (await source.GetPropertiesAsync()).Value.ETag;
 
-        await pipeline.Ingest.HandleBlobCreatedAsync(message, 1, CancellationToken.None);
+        await pipeline.BlobDrops.HandleAsync(message, 1, CancellationToken.None);
 
         var run = (await pipeline.Runs.GetAsync(FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, message)))!;
         Assert.Equal(RunStatus.Failed, run.Status);
@@ -143,7 +143,7 @@ public sealed class IngestHandlerTests(Azurite azurite) : IClassFixture<Azurite>
             : code == RejectionCodes.BinaryFile ? content.Select(c => (byte)c).ToArray()
             : Encoding.UTF8.GetBytes(content);
         var message = await pipeline.DropAsync(Unique(name), bytes);
-        await pipeline.Ingest.HandleBlobCreatedAsync(message, 1, CancellationToken.None);
+        await pipeline.BlobDrops.HandleAsync(message, 1, CancellationToken.None);
 
         var run = (await pipeline.Runs.GetAsync(FailedMessages.RunIdOf(StorageNames.Queues.BlobCreated, message)))!;
         Assert.Equal(RunStatus.Failed, run.Status);

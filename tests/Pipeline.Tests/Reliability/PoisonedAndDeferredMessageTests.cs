@@ -97,4 +97,49 @@ public sealed class PoisonedAndDeferredMessageTests(Azurite azurite) : IClassFix
         Assert.Equal(0, FailedMessages.DeferralsOf(record.Message));
         Assert.Contains(runId, record.Message);
     }
+
+    [Fact]
+    public async Task A_run_waiting_on_another_live_runs_batch_waits_past_the_deferral_limit_then_takes_its_results()
+    {
+        using var pipeline = new TestPipeline(azurite, settings: new Dictionary<string, string?>
+        {
+            [FailedMessages.MaxDeferralsSetting] = "2",
+            [FailedMessages.DeferralDelaySetting] = "00:00:00",
+        });
+        await pipeline.Storage.EnsureCreatedAsync();
+        var failed = pipeline.Services.GetRequiredService<FailedMessages>();
+        var modelId = Unique("cls");
+        await Inference.InferenceStageTests.ClassifierAsync(pipeline.Storage, modelId);
+        var name = Unique("to-score.jsonl");
+        await pipeline.Storage.Container(StorageNames.Containers.Incoming).GetBlobClient(name)
+            .UploadAsync(new BinaryData(Inference.InferenceStageTests.Jsonl(Inference.InferenceStageTests.Sentences.Take(20))));
+        var options = new Pipeline.Inference.InferenceOptions { RowsPerShard = 10 };
+        var first = await Inference.InferenceStageTests.SendInferAsync(pipeline, modelId, $"incoming/{name}", options);
+
+        // A second run asks for the very same batch while the first is still scoring it: it waits, uncounted.
+        var second = Unique("run-waits");
+        var body = System.Text.Json.JsonSerializer.SerializeToElement(new Pipeline.Inference.InferenceRequest(modelId, $"incoming/{name}", options), Pipeline.Inference.InferenceJson.Default.InferenceRequest);
+        var message = System.Text.Json.JsonSerializer.Serialize(new MessageEnvelope { Type = MessageTypes.Infer, RunId = second, Body = body }, PipelineJson.Default.MessageEnvelope);
+        var queue = pipeline.Storage.Queue(StorageNames.Queues.Commands);
+        for (var delivery = 1; delivery <= 5; delivery++)
+        {
+            var busy = await Assert.ThrowsAsync<RunBusyException>(() => pipeline.Commands.HandleAsync(message, 1, CancellationToken.None));
+            Assert.True(busy.WaitsOnLiveRun);
+            await failed.DeferAsync(StorageNames.Queues.Commands, message, $"waits-{delivery}", busy, CancellationToken.None);
+            var next = (await queue.ReceiveMessagesAsync(1)).Value.Single();
+            message = next.Body.ToString();
+            await queue.DeleteMessageAsync(next.MessageId, next.PopReceipt);
+            Assert.Equal(0, FailedMessages.DeferralsOf(message));
+        }
+
+        Assert.NotEqual(RunStatus.Failed, (await pipeline.Runs.GetAsync(second))!.Status);
+
+        // The first run finishes the batch; the waiting run's next delivery takes its results.
+        await Inference.InferenceStageTests.DeliverShardsAsync(pipeline);
+        Assert.Equal(RunStatus.Succeeded, (await pipeline.Runs.GetAsync(first))!.Status);
+        await pipeline.Commands.HandleAsync(message, 1, CancellationToken.None);
+        var waited = (await pipeline.Runs.GetAsync(second))!;
+        Assert.Equal(RunStatus.Succeeded, waited.Status);
+        Assert.Equal((await pipeline.Runs.GetAsync(first))!.GetArtifacts()["results"], waited.GetArtifacts()["results"]);
+    }
 }
