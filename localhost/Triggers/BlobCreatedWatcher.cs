@@ -115,11 +115,11 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
 
     private static readonly DateTimeOffset Beginning = DateTimeOffset.UnixEpoch;
 
-    /// <summary>The storage service's time (its Date header, to the second, so one second earlier), or this host's when it sends none.</summary>
+    /// <summary>The storage service's time (its Date header: truncated to the second, so never later than the service's clock), or this host's when it sends none.</summary>
     private static async Task<DateTimeOffset> StorageNowAsync(BlobContainerClient container, CancellationToken cancellationToken)
     {
         var response = await container.GetPropertiesAsync(cancellationToken: cancellationToken);
-        return (response.GetRawResponse().Headers.Date ?? DateTimeOffset.UtcNow) - TimeSpan.FromSeconds(1);
+        return response.GetRawResponse().Headers.Date ?? DateTimeOffset.UtcNow;
     }
 
     /// <summary>The shared mark (the start of the latest complete scan by any host); the minimum time when there is none yet.</summary>

@@ -126,9 +126,16 @@ public sealed class RunEvents(StorageClients storage, ILogger<RunEvents> logger,
         string? stalledRun = null;
         await foreach (var entry in _runs.PendingEventsAsync(cancellationToken: cancellationToken))
         {
-            // A run's events go out in order: after one of them fails, its later ones wait for the next round.
-            if (entry.RunId == stalledRun || !IsDue(entry))
+            // A run's events go out in order: after one of them fails, or is not due (another process is publishing it),
+            // its later ones wait for the next round.
+            if (entry.RunId == stalledRun)
             {
+                continue;
+            }
+
+            if (!IsDue(entry))
+            {
+                stalledRun = entry.RunId;
                 continue;
             }
 
