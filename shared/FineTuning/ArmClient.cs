@@ -23,6 +23,9 @@ public sealed class ArmOptions
     public TimeSpan OperationTimeout { get; set; } = TimeSpan.FromMinutes(5);
 }
 
+/// <summary>ARM refused the request (a 4xx answer, or 503 after the retries): it did nothing, so the request may be sent again.</summary>
+public sealed class ArmRefusedException(string message, HttpStatusCode status) : HttpRequestException(message, null, status);
+
 /// <summary>
 /// ARM requests through an Azure.Core <see cref="HttpPipeline"/>: a bearer token for
 /// <c>https://management.azure.com/.default</c> (<see cref="BearerTokenAuthenticationPolicy"/>), exponential
@@ -84,7 +87,9 @@ public sealed class ArmClient
         var response = message.Response;
         if (!accepted.Contains((HttpStatusCode)response.Status))
         {
-            throw Failure(method.Method, url, response);
+            var failure = Failure(method.Method, url, response);
+            // A client error, or throttled/unavailable after the retries: ARM refused the request and did nothing.
+            throw response.Status is (>= 400 and < 500) or 503 ? new ArmRefusedException(failure.Message, failure.StatusCode!.Value) : failure;
         }
 
         var result = Json(response);

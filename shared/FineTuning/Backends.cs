@@ -84,6 +84,13 @@ public sealed class ContainerAppsOptions
     public double Cpu { get; set; } = 8;
     public string Memory { get; set; } = "56Gi";
     public string[] Command { get; set; } = ["/app/Pipeline.Trainer"];
+    /// <summary>
+    /// How long a start claimed for a job's attempt may go without its execution appearing in the executions list
+    /// before another submission starts the attempt again (the claimer died, or its start was lost). ARM accepts a
+    /// start asynchronously and may list the execution minutes later, so this is long; never shorter than the
+    /// claimer's own start may take (<see cref="ArmOptions.NetworkTimeout"/> plus <see cref="ArmOptions.OperationTimeout"/>).
+    /// </summary>
+    public TimeSpan ClaimStaleAfter { get; set; } = TimeSpan.FromMinutes(30);
 }
 
 /// <summary>What a backend says about a job (the trainer's heartbeat says more).</summary>
@@ -361,7 +368,8 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
     public async Task<string?> SubmitAsync(JobSpec job, int attempt, CancellationToken cancellationToken)
     {
         var claim = ExecutionClaims.Blob(storage, job.JobId, attempt);
-        var stale = options.Value.Arm.OperationTimeout + options.Value.Arm.NetworkTimeout;
+        var stale = ClaimStaleAfter;
+        var waitUntil = DateTimeOffset.UtcNow + ClaimWait;
         while (true)
         {
             if (await FindExecutionAsync(job.JobId, attempt, cancellationToken) is { } existing)
@@ -374,26 +382,50 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
                 return await StartAsync(job, attempt, claim, cancellationToken);
             }
 
-            // Another submission holds the claim: its execution, once it has one; the claim taken over when it went
-            // stale (that submitter died between claim and start); from the top when it was given up (its start failed).
-            while (await ReadClaimAsync(claim, cancellationToken) is var (current, etag))
+            // Another submission holds the claim: its execution, once it has one; the claim taken over once it is stale
+            // (its submitter died between claim and start, or its start never showed up in the executions list); from
+            // the top when it was given up (ARM refused its start).
+            if (await ReadClaimAsync(claim, cancellationToken) is not var (current, etag))
             {
-                if (current.Execution is { } name)
-                {
-                    return name;
-                }
+                continue;
+            }
 
-                if (DateTimeOffset.UtcNow - current.ClaimedAt > stale && await TakeOverAsync(claim, current, etag, cancellationToken))
+            if (current.Execution is { } name)
+            {
+                return name;
+            }
+
+            if (DateTimeOffset.UtcNow - current.ClaimedAt > stale)
+            {
+                if (await TakeOverAsync(claim, current, etag, cancellationToken))
                 {
                     return await FindExecutionAsync(job.JobId, attempt, cancellationToken) ?? await StartAsync(job, attempt, claim, cancellationToken);
                 }
 
-                await Task.Delay(ClaimPollInterval, cancellationToken);
+                continue;
             }
+
+            // A start whose outcome is unknown (ARM may have started it) is not repeated: nothing to hand back yet, the
+            // monitor asks again (and finds it in the executions list once ARM lists it). Nor is a concurrent start waited on for long.
+            if (current.Unresolved is not null || DateTimeOffset.UtcNow > waitUntil)
+            {
+                return null;
+            }
+
+            await Task.Delay(ClaimPollInterval, cancellationToken);
         }
     }
 
+    /// <summary>
+    /// How old a claim without an execution must be before another submission may start the attempt: at least as long
+    /// as its holder's start may take (<see cref="ArmOptions.NetworkTimeout"/> and <see cref="ArmOptions.OperationTimeout"/>).
+    /// </summary>
+    private TimeSpan ClaimStaleAfter => TimeSpan.FromTicks(Math.Max(Settings.ClaimStaleAfter.Ticks, (options.Value.Arm.OperationTimeout + options.Value.Arm.NetworkTimeout).Ticks));
+
     private static readonly TimeSpan ClaimPollInterval = TimeSpan.FromMilliseconds(250);
+
+    /// <summary>How long a submission waits for a concurrent one's execution before it answers "not yet" (null: asked again at the next poll).</summary>
+    private static readonly TimeSpan ClaimWait = TimeSpan.FromSeconds(20);
 
     private static async Task<(ExecutionClaim Claim, Azure.ETag ETag)?> ReadClaimAsync(Azure.Storage.Blobs.BlobClient claim, CancellationToken cancellationToken)
     {
@@ -412,7 +444,7 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
     {
         try
         {
-            await claim.UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(current with { ClaimedAt = DateTimeOffset.UtcNow }, ExecutionClaimJson.Default.ExecutionClaim)),
+            await claim.UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(current with { ClaimedAt = DateTimeOffset.UtcNow, Unresolved = null }, ExecutionClaimJson.Default.ExecutionClaim)),
                 new Azure.Storage.Blobs.Models.BlobUploadOptions { Conditions = new Azure.Storage.Blobs.Models.BlobRequestConditions { IfMatch = etag } }, cancellationToken);
             return true;
         }
@@ -422,9 +454,15 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
         }
     }
 
-    /// <summary>Starts the execution (a start is never retried blindly) and records its name in the claim.</summary>
+    /// <summary>
+    /// Starts the execution (a start is never retried blindly) and records its name in the claim. A start ARM refused
+    /// (<see cref="ArmRefusedException"/>: nothing was started) gives the claim up; any other failure (a timeout, a 5xx,
+    /// an operation that failed after ARM accepted the start) may have started it, so the claim is kept, marked
+    /// unresolved: no second execution is started until the executions list shows none for <see cref="ContainerAppsOptions.ClaimStaleAfter"/>.
+    /// </summary>
     private async Task<string> StartAsync(JobSpec job, int attempt, Azure.Storage.Blobs.BlobClient claim, CancellationToken cancellationToken)
     {
+        var claimedAt = DateTimeOffset.UtcNow;
         string? name;
         try
         {
@@ -432,15 +470,26 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
             name = response?["name"]?.GetValue<string>() ?? await FindExecutionAsync(job.JobId, attempt, cancellationToken)
                 ?? throw new HttpRequestException("Container Apps accepted the start but named no execution, and none is listed yet for this attempt; the next poll looks again.");
         }
-        catch
+        catch (ArmRefusedException)
         {
-            // The claim is given up: a later submission lists the executions first (a start whose reply was lost is
-            // found there), then claims again.
+            // Nothing was started: the claim is given up, and a later submission claims again.
             await claim.DeleteIfExistsAsync(cancellationToken: CancellationToken.None);
             throw;
         }
+        catch (Exception e)
+        {
+            await BlobJson.WriteAsync(claim, new ExecutionClaim(job.JobId, attempt, claimedAt, null, e.Message), ExecutionClaimJson.Default.ExecutionClaim, CancellationToken.None);
+            if (cancellationToken.IsCancellationRequested)
+            {
+                throw;
+            }
 
-        await BlobJson.WriteAsync(claim, new ExecutionClaim(job.JobId, attempt, DateTimeOffset.UtcNow, name), ExecutionClaimJson.Default.ExecutionClaim, cancellationToken);
+            throw new HttpRequestException($"The start of the Container Apps execution for job {job.JobId} attempt {attempt} did not answer clearly ({e.Message}); ARM may have started it. "
+                + $"No second execution is started: later submissions look it up by the job id and attempt, and start it again only if none is listed {ClaimStaleAfter.TotalMinutes:N0} min after this start "
+                + "(Pipeline__FineTune__ContainerApps__ClaimStaleAfter).", e);
+        }
+
+        await BlobJson.WriteAsync(claim, new ExecutionClaim(job.JobId, attempt, claimedAt, name), ExecutionClaimJson.Default.ExecutionClaim, cancellationToken);
         return name;
     }
 
@@ -524,8 +573,11 @@ public sealed class ContainerAppsBackend(ArmClient arm, StorageClients storage, 
         SendAsync(HttpMethod.Post, JobUrl($"/executions/{submission.Handle}/stop"), null, cancellationToken, HttpStatusCode.OK, HttpStatusCode.Accepted);
 }
 
-/// <summary>One Container Apps start per job and attempt: who claimed it, and the execution once started. Schema 1.</summary>
-public sealed record ExecutionClaim(string JobId, int Attempt, DateTimeOffset ClaimedAt, string? Execution, int SchemaVersion = 1);
+/// <summary>
+/// One Container Apps start per job and attempt: when it was claimed, the execution once started, and, for a start
+/// whose outcome is unknown (ARM may have started it), why. Schema 1 (<see cref="Unresolved"/> added, optional).
+/// </summary>
+public sealed record ExecutionClaim(string JobId, int Attempt, DateTimeOffset ClaimedAt, string? Execution, string? Unresolved = null, int SchemaVersion = 1);
 
 internal static class ExecutionClaims
 {

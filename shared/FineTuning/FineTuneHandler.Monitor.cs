@@ -57,6 +57,55 @@ public sealed partial class FineTuneHandler
         }
     }
 
+    /// <summary>
+    /// A <c>finetune-monitor</c> message was poisoned (its deliveries ran out), so its chain of polls died with it. Runs
+    /// sharing a job do not poll it themselves (they wait on its one chain), so nothing watches the job any more: its
+    /// trainer is stopped (cancel.json and the backend's cancel: the local process, the Container Apps execution, the
+    /// Azure ML job), the job ends with <paramref name="code"/> (a later request trains it again), and its run and every
+    /// run waiting on it fail with <paramref name="reason"/>. A poisoned tick older than the last one processed belongs to
+    /// a chain that has moved on (a redelivered dispatch joined it, or a later attempt has its own): the job is still
+    /// watched and keeps running. Returns false in that case only.
+    /// </summary>
+    public async Task<bool> StopUnwatchedAsync(FineTuneMonitorRequest request, string code, string reason, CancellationToken cancellationToken)
+    {
+        var files = new JobFiles(storage, request.JobId);
+        if (await BlobJson.ReadAsync(files.Spec, FineTuneJson.Default.JobSpec, cancellationToken) is not { } job)
+        {
+            return true;
+        }
+
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = job.RunId, ["JobId"] = job.JobId });
+        JobSubmission submission;
+        while (true)
+        {
+            var (current, etag) = await ReadSubmissionAsync(files, cancellationToken);
+            if (current is null || current.Outcome is not null)
+            {
+                return true;
+            }
+
+            if (current.Tick > request.Tick)
+            {
+                logger.LogInformation("Poisoned monitor tick {Tick} of job {JobId} is stale: tick {Current} watches the job, which goes on", request.Tick, job.JobId, current.Tick);
+                return false;
+            }
+
+            // Stopped before the outcome is saved: a stop that fails leaves the job open, and the poison handler's retry stops it.
+            await StopAsync(job, files, current, Backend(job.Backend), cancellationToken);
+            if (await TrySaveAsync(files, current with { Outcome = code }, etag, cancellationToken))
+            {
+                submission = current;
+                break;
+            }
+        }
+
+        var status = await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, cancellationToken);
+        await FailAsync(job, code, reason, DateTimeOffset.UtcNow - submission.FirstSubmittedAt, status, cancellationToken);
+        await FinishWaitingRunsAsync(job, files, code, cancellationToken);
+        logger.LogWarning("Job {JobId} lost its monitor (tick {Tick} poisoned): its trainer was stopped and its runs failed", job.JobId, request.Tick);
+        return true;
+    }
+
     /// <summary>Runs that asked for this job while it trained end with it: they get its model, or its failure.</summary>
     private async Task FinishWaitingRunsAsync(JobSpec job, JobFiles files, string outcome, CancellationToken cancellationToken)
     {
@@ -85,12 +134,52 @@ public sealed partial class FineTuneHandler
         files.Submission.UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(submission, FineTuneJson.Default.JobSubmission)),
             new BlobUploadOptions { Conditions = new BlobRequestConditions { IfMatch = etag } }, cancellationToken);
 
+    /// <summary>Saves the submission if it is still the version read (<paramref name="etag"/>), or creates it when there was none (null); false when another writer came first.</summary>
+    private static async Task<bool> TrySaveAsync(JobFiles files, JobSubmission submission, ETag? etag, CancellationToken cancellationToken)
+    {
+        if (etag is not { } ifMatch)
+        {
+            return await BlobJson.WriteOnceAsync(files.Submission, submission, FineTuneJson.Default.JobSubmission, cancellationToken);
+        }
+
+        try
+        {
+            await SaveAsync(files, submission, ifMatch, cancellationToken);
+            return true;
+        }
+        catch (RequestFailedException e) when (e.Status == 412)
+        {
+            return false;
+        }
+    }
+
+    /// <summary>The job's submission and its ETag, or null when nothing was claimed yet.</summary>
+    private static async Task<(JobSubmission? Submission, ETag ETag)> ReadSubmissionAsync(JobFiles files, CancellationToken cancellationToken)
+    {
+        try
+        {
+            var response = await files.Submission.DownloadContentAsync(cancellationToken);
+            return (JsonSerializer.Deserialize(response.Value.Content.ToMemory().Span, FineTuneJson.Default.JobSubmission), response.Value.Details.ETag);
+        }
+        catch (RequestFailedException e) when (e.Status == 404)
+        {
+            return (null, default);
+        }
+    }
+
     /// <summary>The trainer's heartbeat on the run (epoch, step, progress, metrics); a progress event when the epoch moved since the last look.</summary>
     private async Task RecordProgressAsync(JobSpec job, RunRecord run, JobStatus status, CancellationToken cancellationToken)
     {
         var previous = run.GetCounts().GetValueOrDefault("fineTuneEpoch");
-        var updated = await UpdateRunAsync(job, r =>
+        // The progress event is saved with the change it announces (one transaction): a crash cannot lose it.
+        string[] types = status.Epoch != previous ? [RunEvents.Types.FineTuneProgress] : [];
+        await events.TransitionAsync(job.RunId, types, r =>
         {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
             r.SetStage(Stages.FineTune, RunStatus.Running);
             r.SetCounts(new Dictionary<string, long>
             {
@@ -101,11 +190,8 @@ public sealed partial class FineTuneHandler
                 ["fineTuneAttempt"] = status.Attempt,
             });
             r.SetMetrics(status.Metrics);
+            return true;
         }, cancellationToken);
-        if (status.Epoch != previous)
-        {
-            await events.PublishAsync(RunEvents.Types.FineTuneProgress, updated, cancellationToken);
-        }
     }
 
     /// <summary>One look at the job; the outcome when it has ended (the run updated), or null while it goes on.</summary>
@@ -198,13 +284,12 @@ public sealed partial class FineTuneHandler
             await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = null, SubmittedAt = now }, cancellationToken);
             var handle = await backend.SubmitAsync(job, attempt, cancellationToken);
             await UpdateSubmissionAsync(files, s => s with { Handle = handle }, cancellationToken);
-            var lost = await runs.UpdateAsync(job.RunId, r =>
+            await events.TransitionAsync(job.RunId, RunEvents.Types.StageRetrying, r =>
             {
                 r.Attempt = attempt;
                 r.LastError = $"No heartbeat from the trainer for {silent.TotalSeconds:N0} s (attempt {submission.Attempt}); resubmitted as attempt {attempt}.";
                 return true;
             }, cancellationToken);
-            await events.PublishAsync(RunEvents.Types.StageRetrying, lost, cancellationToken);
             logger.LogWarning("Job {JobId} lost its trainer (no heartbeat for {Seconds} s); resubmitted as attempt {Attempt}", job.JobId, silent.TotalSeconds, attempt);
             return null;
         }

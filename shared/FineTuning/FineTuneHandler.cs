@@ -57,76 +57,98 @@ public sealed partial class FineTuneHandler(
 
     private async Task DispatchAsync(FineTuneRequest request, string runId, CancellationToken cancellationToken)
     {
-        var job = await PlanAsync(request, runId, cancellationToken);
-        var jobId = job.JobId;
+        var planned = await PlanAsync(request, runId, cancellationToken);
+        var jobId = planned.JobId;
         var files = new JobFiles(storage, jobId);
-        var submission = await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken);
-        if (job.RunId != runId && submission is null)
+        while (true)
         {
-            // A job planned for another run that was never submitted (its dispatch gave up): this run takes it.
-            job = job with { RunId = runId };
-            await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
-        }
-        else if (job.RunId != runId && submission is not null)
-        {
-            // The same job (same data, base model and settings) was asked for by another run.
-            switch (submission.Outcome)
+            var (submission, etag) = await ReadSubmissionAsync(files, cancellationToken);
+            if (submission?.Outcome == JobStates.Succeeded)
             {
-                case JobStates.Succeeded:
-                    // Its model exists: this run reuses it, nothing is trained twice.
-                    var status = (await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, cancellationToken))!;
-                    await SucceededAsync(job with { RunId = runId }, status, TimeSpan.Zero, cancellationToken);
-                    return;
-                case null:
-                    // It is training for another run: this run waits on it and the monitor finishes it with that run.
-                    await files.Waiting(runId).UploadAsync(BinaryData.Empty, overwrite: true, cancellationToken);
-                    if ((await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))?.Outcome is not null)
-                    {
-                        // It ended while this run signed up: the redelivery takes the outcome.
-                        throw new RunBusyException($"Job {jobId} ended while run {runId} asked for it.");
-                    }
-
-                    await RecordJobAsync(runId, job, files, RunStatus.Running, $"Job {jobId} is training for run {job.RunId}; this run takes its model when it ends.", cancellationToken);
-                    return;
-                default:
-                    // It ended without a model (failed, cancelled, timed out, lost): this run trains it again, as the
-                    // next attempt (a new cloud job name), from a fresh chain of polls.
-                    job = job with { RunId = runId, CreatedAt = DateTimeOffset.UtcNow };
-                    await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
-                    await files.Cancel.DeleteIfExistsAsync(cancellationToken: cancellationToken);
-                    await files.Status.DeleteIfExistsAsync(cancellationToken: cancellationToken);
-                    var attempt = submission.Attempt + 1;
-                    var now = DateTimeOffset.UtcNow;
-                    await UpdateSubmissionAsync(files, s => s with { Attempt = attempt, Handle = null, Outcome = null, FirstSubmittedAt = now, SubmittedAt = now }, cancellationToken);
-                    var handle = await Backend(job.Backend).SubmitAsync(job, attempt, cancellationToken);
-                    await UpdateSubmissionAsync(files, s => s with { Handle = handle }, cancellationToken);
-                    submission = (await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))!;
-                    break;
+                // Its model exists: this run reuses it, nothing is trained twice.
+                var status = (await BlobJson.ReadAsync(files.Status, FineTuneJson.Default.JobStatus, cancellationToken))!;
+                await SucceededAsync(planned with { RunId = runId }, status, TimeSpan.Zero, cancellationToken);
+                return;
             }
-        }
 
-        if (submission is null)
-        {
-            // Submissions are idempotent per job (a second trainer waits for the first one's lease, a cloud job has the job's name).
-            var handle = await Backend(job.Backend).SubmitAsync(job, 1, cancellationToken);
+            if (submission is { Outcome: null } && TrainsFor(submission, planned) != runId)
+            {
+                // The same job (same data, base model and settings) is training for another run: this run waits on it.
+                await WaitOnAsync(runId, planned, files, TrainsFor(submission, planned), cancellationToken);
+                return;
+            }
+
+            // Nothing submitted yet, or the job ended without a model (failed, cancelled, timed out, lost, poisoned) and
+            // this run trains it again as the next attempt (a new cloud job name, a fresh chain of polls). The attempt
+            // is claimed on submission.json under its ETag before anything is submitted: of runs asking at once, one
+            // claims it and submits, the others find it claimed and wait on it. A redelivery finds its own claim.
             var now = DateTimeOffset.UtcNow;
-            submission = new JobSubmission { JobId = jobId, Backend = job.Backend, Attempt = 1, Handle = handle, FirstSubmittedAt = now, SubmittedAt = now };
-            if (!await BlobJson.WriteOnceAsync(files.Submission, submission, FineTuneJson.Default.JobSubmission, cancellationToken))
+            var claim = submission switch
             {
-                submission = (await BlobJson.ReadAsync(files.Submission, FineTuneJson.Default.JobSubmission, cancellationToken))!;
+                null => new JobSubmission { JobId = jobId, Backend = planned.Backend, Attempt = 1, RunId = runId, FirstSubmittedAt = now, SubmittedAt = now },
+                { Outcome: not null } ended => ended with { Attempt = ended.Attempt + 1, RunId = runId, Handle = null, Outcome = null, FirstSubmittedAt = now, SubmittedAt = now },
+                _ => null,
+            };
+            if (claim is not null && !await TrySaveAsync(files, claim, submission is null ? null : etag, cancellationToken))
+            {
+                continue;
             }
+
+            var job = planned;
+            if (job.RunId != runId || submission?.Outcome is not null)
+            {
+                // The spec names this run (the trainer and the monitor read it), and what the last attempt left goes.
+                job = planned with { RunId = runId, CreatedAt = now };
+                await BlobJson.WriteAsync(files.Spec, job, FineTuneJson.Default.JobSpec, cancellationToken);
+                await files.Cancel.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+                await files.Status.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+            }
+
+            submission = claim ?? submission!;
+            if (claim is not null)
+            {
+                // Submissions are idempotent per job and attempt (a second trainer waits for the first one's lease, a cloud
+                // job has the job's name, an execution is keyed by job and attempt). A redelivery leaves a claim without a
+                // handle to the monitor, which submits when the handle is missing.
+                if (await Backend(job.Backend).SubmitAsync(job, claim.Attempt, cancellationToken) is { } handle)
+                {
+                    await UpdateSubmissionAsync(files, s => s with { Handle = handle }, cancellationToken);
+                    submission = submission with { Handle = handle };
+                }
+            }
+
+            await RecordJobAsync(runId, job, files, submission.Handle is null ? RunStatus.Queued : RunStatus.Running, null, cancellationToken);
+            // The next tick after the last processed one: a redelivered dispatch joins (never duplicates) the chain of polls.
+            await ScheduleAsync(jobId, runId, submission.Tick + 1, cancellationToken);
+            logger.LogInformation("Fine-tune job {JobId} attempt {Attempt} submitted to {Backend} for run {RunId} (base {BaseModel}, {Epochs} epochs, {Trainable})",
+                jobId, submission.Attempt, job.Backend, runId, job.BaseModel, job.Hyperparameters.Epochs, job.Hyperparameters.Trainable);
+            return;
+        }
+    }
+
+    /// <summary>The run the job's current attempt trains for (submissions written before they named it: the spec's).</summary>
+    private static string TrainsFor(JobSubmission submission, JobSpec job) => submission.RunId ?? job.RunId;
+
+    /// <summary>This run signs up for a job training for <paramref name="owner"/>; the monitor ends it with the job.</summary>
+    private async Task WaitOnAsync(string runId, JobSpec job, JobFiles files, string owner, CancellationToken cancellationToken)
+    {
+        var waiting = files.Waiting(runId);
+        await waiting.UploadAsync(BinaryData.Empty, overwrite: true, cancellationToken);
+        if ((await ReadSubmissionAsync(files, cancellationToken)).Submission?.Outcome is not null)
+        {
+            // It ended while this run signed up: the redelivery takes the outcome.
+            await waiting.DeleteIfExistsAsync(cancellationToken: cancellationToken);
+            throw new RunBusyException($"Job {job.JobId} ended while run {runId} asked for it.");
         }
 
-        await RecordJobAsync(runId, job, files, submission.Handle is null ? RunStatus.Queued : RunStatus.Running, null, cancellationToken);
-        // The next tick after the last processed one: a redelivered dispatch joins (never duplicates) the chain of polls.
-        await ScheduleAsync(jobId, runId, submission.Tick + 1, cancellationToken);
-        logger.LogInformation("Fine-tune job {JobId} submitted to {Backend} (base {BaseModel}, {Epochs} epochs, {Trainable})", jobId, job.Backend, job.BaseModel, job.Hyperparameters.Epochs, job.Hyperparameters.Trainable);
+        await RecordJobAsync(runId, job, files, RunStatus.Running, $"Job {job.JobId} is training for run {owner}; this run takes its model when it ends.", cancellationToken);
     }
 
     /// <summary>The run is on the fine-tune stage with this job: its status, the job and model paths, and a note while it waits.</summary>
     private async Task RecordJobAsync(string runId, JobSpec job, JobFiles files, string stageStatus, string? note, CancellationToken cancellationToken)
     {
-        var run = await runs.UpdateAsync(runId, r =>
+        // Saved with its event in one transaction: a crash between the two cannot lose the event.
+        await events.TransitionAsync(runId, RunEvents.Types.StageStarted, r =>
         {
             r.Stage = Stages.FineTune;
             r.SetStage(Stages.FineTune, stageStatus);
@@ -140,7 +162,6 @@ public sealed partial class FineTuneHandler(
             r.LastError = note;
             return true;
         }, cancellationToken);
-        await events.PublishAsync(RunEvents.Types.StageStarted, run, cancellationToken);
     }
 
     private Task ScheduleAsync(string jobId, string runId, int tick, CancellationToken cancellationToken)

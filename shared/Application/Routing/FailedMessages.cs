@@ -4,6 +4,7 @@ using Azure;
 using Azure.Data.Tables;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.Logging;
+using Pipeline.FineTuning;
 using Pipeline.Ingestion;
 using Pipeline.Runs;
 using Pipeline.Storage;
@@ -38,7 +39,7 @@ public sealed class PoisonRecord : ITableEntity
 /// <c>&lt;queue&gt;-poison</c> queues) and invalid ones (rejected at once). Each keeps its reason, and its
 /// run, when it has one, is marked failed with that reason.
 /// </summary>
-public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTransitions transitions, IConfiguration configuration, ILogger<FailedMessages> logger)
+public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTransitions transitions, FineTuneHandler fineTune, IConfiguration configuration, ILogger<FailedMessages> logger)
 {
     public const string PoisonedKind = "poisoned";
     public const string InvalidKind = "invalid";
@@ -169,7 +170,27 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTra
         var lastError = run?.LastError ?? "no error was recorded (the handler may have crashed or timed out before it could record one)";
         var reason = $"Gave up after {attempts} attempt(s): the {sourceQueue} message was moved to {StorageNames.Queues.Poison(sourceQueue)}. Last error: {lastError}";
         await SaveAsync(sourceQueue, message, messageId, runId, reason, PoisonedKind, attempts, cancellationToken);
+        // A fine-tune job's chain of polls died with its monitor message: the job's trainer is stopped and its runs fail;
+        // unless a later tick still watches the job, and then its run goes on.
+        if (sourceQueue == StorageNames.Queues.FineTuneMonitor && MonitorRequestOf(message) is { } monitor
+            && !await fineTune.StopUnwatchedAsync(monitor, PoisonErrorCode, reason, cancellationToken))
+        {
+            return;
+        }
+
         await FailRunAsync(runId, sourceQueue, PoisonErrorCode, reason, cancellationToken);
+    }
+
+    private static FineTuneMonitorRequest? MonitorRequestOf(string message)
+    {
+        try
+        {
+            return StageMessages.Body(StageMessages.Open(message, MessageTypes.FineTuneMonitor), FineTuneJson.Default.FineTuneMonitorRequest) is { JobId.Length: > 0 } request ? request : null;
+        }
+        catch (InvalidMessageException)
+        {
+            return null;
+        }
     }
 
     /// <summary>Handles a message its broker gave up on (a Service Bus dead letter), with the broker's reason.</summary>

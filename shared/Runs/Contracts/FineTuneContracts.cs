@@ -213,6 +213,12 @@ public sealed record JobSubmission
     public int Tick { get; init; }
     /// <summary>Set once the job has ended and its outcome is on the run.</summary>
     public string? Outcome { get; init; }
+    /// <summary>
+    /// The run this attempt trains for: the run whose dispatch claimed it (the submission is written, under an ETag
+    /// condition, before anything is submitted, so of runs asking at once one submits and the others wait on it).
+    /// Absent in submissions written before it existed: the spec's run.
+    /// </summary>
+    public string? RunId { get; init; }
 }
 
 public static class FineTuneErrorCodes

@@ -103,7 +103,7 @@ public sealed class ArmBackendTests(Azurite azurite) : IClassFixture<Azurite>
         await using var server = await FakeArm.StartAsync(_ => Reply.Json(400, """{"error":{"code":"BadRequest","message":"computeId names no compute in this workspace"}}"""));
         using var services = Services(server, new() { ["Pipeline:FineTune:AzureMl:WorkspaceResourceId"] = Workspace });
 
-        var error = await Assert.ThrowsAsync<HttpRequestException>(() => services.GetRequiredService<AzureMlBackend>().SubmitAsync(Job, 1, CancellationToken.None));
+        var error = await Assert.ThrowsAsync<ArmRefusedException>(() => services.GetRequiredService<AzureMlBackend>().SubmitAsync(Job, 1, CancellationToken.None));
         Assert.Contains("computeId names no compute in this workspace", error.Message, StringComparison.Ordinal);
         Assert.Equal(HttpStatusCode.BadRequest, error.StatusCode);
         Assert.Single(server.Requests);
@@ -239,11 +239,67 @@ public sealed class ArmBackendTests(Azurite azurite) : IClassFixture<Azurite>
         var backend = services.GetRequiredService<ContainerAppsBackend>();
         var job = Job with { JobId = "job-ca-fail" };
 
-        await Assert.ThrowsAsync<HttpRequestException>(() => backend.SubmitAsync(job, 1, CancellationToken.None));
+        // ARM refused the start (409): nothing was started, so the claim is given up.
+        var refused = await Assert.ThrowsAsync<ArmRefusedException>(() => backend.SubmitAsync(job, 1, CancellationToken.None));
+        Assert.Equal(HttpStatusCode.Conflict, refused.StatusCode);
         Assert.Single(server.Requests, r => r.Path == $"{JobPath}/start");
 
         Assert.Equal("trainer-job-e1", await backend.SubmitAsync(job, 1, CancellationToken.None));
         Assert.Equal(1, arm.Starts);
+    }
+
+    [Fact]
+    public async Task A_start_that_times_out_after_arm_accepted_it_never_starts_a_second_execution()
+    {
+        // ARM accepts the start, answers only after the client's 1-second timeout, and lists the execution 3 s later.
+        var arm = new ContainerAppsJob { FirstStartReplyDelay = TimeSpan.FromSeconds(3), ListingLatency = TimeSpan.FromSeconds(3) };
+        await using var server = await FakeArm.StartAsync(arm.Answer);
+        var settings = ContainerApps("run-ca-timeout");
+        settings["Pipeline:FineTune:Arm:NetworkTimeout"] = "00:00:01";
+        using var first = Services(server, new(settings));
+        using var second = Services(server, new(settings));
+        var backends = new[] { first, second }.Select(s => s.GetRequiredService<ContainerAppsBackend>()).ToArray();
+        var job = Job with { JobId = "job-ca-timeout" };
+
+        var timedOut = await Assert.ThrowsAsync<HttpRequestException>(() => backends[0].SubmitAsync(job, 1, CancellationToken.None));
+        Assert.Contains("ARM may have started it", timedOut.Message, StringComparison.Ordinal);
+        Assert.Equal(1, arm.Starts);
+
+        // Redeliveries on both hosts at once, before ARM lists the execution: none starts another; they answer "not yet".
+        var handles = await Task.WhenAll(Enumerable.Range(0, 4).Select(i => Task.Run(() => backends[i % 2].SubmitAsync(job, 1, CancellationToken.None))));
+        Assert.All(handles, h => Assert.Null(h));
+        Assert.Single(server.Requests, r => r.Path == $"{JobPath}/start");
+
+        // Once listed, it is found by its job id and attempt.
+        var found = await Eventually.ReturnsAsync(() => backends[1].SubmitAsync(job, 1, CancellationToken.None), TimeSpan.FromSeconds(20), "the accepted execution to be found");
+        Assert.Equal("trainer-job-e1", found);
+        Assert.Equal(1, arm.Starts);
+        Assert.Single(server.Requests, r => r.Path == $"{JobPath}/start");
+    }
+
+    [Fact]
+    public async Task A_start_lost_without_an_execution_is_started_again_once_its_claim_is_stale()
+    {
+        // The first start never becomes an execution, and its answer comes after the timeout.
+        var arm = new ContainerAppsJob { FirstStartReplyDelay = TimeSpan.FromSeconds(2), LoseFirstStart = true };
+        await using var server = await FakeArm.StartAsync(arm.Answer);
+        var settings = ContainerApps("run-ca-stale");
+        settings["Pipeline:FineTune:Arm:NetworkTimeout"] = "00:00:01";
+        settings["Pipeline:FineTune:Arm:OperationTimeout"] = "00:00:01";
+        settings["Pipeline:FineTune:ContainerApps:ClaimStaleAfter"] = "00:00:04";
+        using var services = Services(server, settings);
+        var backend = services.GetRequiredService<ContainerAppsBackend>();
+        var job = Job with { JobId = "job-ca-stale" };
+
+        await Assert.ThrowsAsync<HttpRequestException>(() => backend.SubmitAsync(job, 1, CancellationToken.None));
+        var clock = Stopwatch.StartNew();
+        Assert.Null(await backend.SubmitAsync(job, 1, CancellationToken.None));
+
+        // Nothing is listed for the attempt for ClaimStaleAfter: the next submission takes the claim over and starts it.
+        var handle = await Eventually.ReturnsAsync(() => backend.SubmitAsync(job, 1, CancellationToken.None), TimeSpan.FromSeconds(20), "the stale claim to be taken over");
+        Assert.True(clock.Elapsed >= TimeSpan.FromSeconds(2.5), $"started again after {clock.Elapsed.TotalSeconds:N1} s, before the claim was stale");
+        Assert.Equal(("trainer-job-e1", 1), (handle, arm.Starts));
+        Assert.Equal(2, server.Requests.Count(r => r.Path == $"{JobPath}/start"));
     }
 
     private static Dictionary<string, string?> ContainerApps(string name) => new()
@@ -307,12 +363,20 @@ public sealed class ArmBackendTests(Azurite azurite) : IClassFixture<Azurite>
     /// </summary>
     private sealed class ContainerAppsJob
     {
-        private readonly ConcurrentDictionary<string, (JsonNode Template, string Status)> _executions = new();
+        private readonly ConcurrentDictionary<string, (JsonNode Template, string Status, DateTimeOffset ListedFrom)> _executions = new();
         private int _starts;
+        private int _startRequests;
         private int _failStarts;
 
         public TimeSpan StartLatency { get; init; } = TimeSpan.Zero;
+        /// <summary>The first starts ARM refuses (409: the job is being updated), doing nothing.</summary>
         public int FailStarts { init => _failStarts = value; }
+        /// <summary>How long the first start's answer takes, after ARM has accepted it (unless <see cref="LoseFirstStart"/>).</summary>
+        public TimeSpan FirstStartReplyDelay { get; init; } = TimeSpan.Zero;
+        /// <summary>The first start never becomes an execution (its answer, a 500, comes after <see cref="FirstStartReplyDelay"/>).</summary>
+        public bool LoseFirstStart { get; init; }
+        /// <summary>How long an accepted execution takes to appear in the executions list.</summary>
+        public TimeSpan ListingLatency { get; init; } = TimeSpan.Zero;
         public int Starts => _starts;
 
         public Reply Answer(ArmRequest request)
@@ -322,25 +386,38 @@ public sealed class ArmBackendTests(Azurite azurite) : IClassFixture<Azurite>
                 case ("POST", $"{JobPath}/start"):
                     if (Interlocked.Decrement(ref _failStarts) >= 0)
                     {
-                        return Reply.Json(500, """{"error":{"code":"InternalServerError","message":"try later"}}""");
+                        return Reply.Json(409, """{"error":{"code":"Conflict","message":"the job is being updated; try later"}}""");
+                    }
+
+                    var first = Interlocked.Increment(ref _startRequests) == 1;
+                    if (first && LoseFirstStart)
+                    {
+                        Thread.Sleep(FirstStartReplyDelay);
+                        return Reply.Json(500, """{"error":{"code":"InternalServerError","message":"lost"}}""");
                     }
 
                     Thread.Sleep(StartLatency);
                     var name = $"trainer-job-e{Interlocked.Increment(ref _starts)}";
-                    _executions[name] = (JsonNode.Parse(request.Body)!, "Running");
+                    _executions[name] = (JsonNode.Parse(request.Body)!, "Running", DateTimeOffset.UtcNow + ListingLatency);
+                    if (first)
+                    {
+                        Thread.Sleep(FirstStartReplyDelay);
+                    }
+
                     return Reply.Json(202, $$"""{"name":"{{name}}","id":"{{JobPath}}/executions/{{name}}"}""", ("Azure-AsyncOperation", $"{request.Origin}/operations/start-{name}"));
                 case ("GET", var path) when path.StartsWith("/operations/start-", StringComparison.Ordinal):
                     return Reply.Json(200, """{"status":"Succeeded"}""");
                 case ("GET", $"{JobPath}/executions"):
                     var skip = int.TryParse(request.Query["skip"], out var s) ? s : 0;
                     var page = new JsonArray();
-                    foreach (var (key, execution) in _executions.OrderBy(e => e.Key, StringComparer.Ordinal).Skip(skip).Take(2))
+                    var listed = _executions.Where(e => e.Value.ListedFrom <= DateTimeOffset.UtcNow).OrderBy(e => e.Key, StringComparer.Ordinal).ToList();
+                    foreach (var (key, execution) in listed.Skip(skip).Take(2))
                     {
                         page.Add(new JsonObject { ["name"] = key, ["properties"] = new JsonObject { ["status"] = execution.Status, ["template"] = execution.Template.DeepClone() } });
                     }
 
                     var list = new JsonObject { ["value"] = page };
-                    if (skip + 2 < _executions.Count)
+                    if (skip + 2 < listed.Count)
                     {
                         list["nextLink"] = $"{request.Origin}{JobPath}/executions?api-version=2025-07-01&skip={skip + 2}";
                     }
@@ -350,7 +427,7 @@ public sealed class ArmBackendTests(Azurite azurite) : IClassFixture<Azurite>
                     return Reply.Json(200, "{\"name\":\"x\",\"properties\":{\"status\":\"" + found.Status + "\"}}");
                 case ("POST", var path) when path.StartsWith($"{JobPath}/executions/", StringComparison.Ordinal) && path.EndsWith("/stop", StringComparison.Ordinal):
                     var stopped = path[(JobPath.Length + 12)..^5];
-                    _executions[stopped] = (_executions[stopped].Template, "Stopped");
+                    _executions[stopped] = _executions[stopped] with { Status = "Stopped" };
                     return Reply.Json(200, "");
                 default:
                     return Reply.Json(404, """{"error":{"code":"NotFound","message":"no such resource"}}""");

@@ -52,6 +52,32 @@ public sealed class FineTuneStageTests(Azurite azurite) : IClassFixture<Azurite>
             Body = JsonSerializer.SerializeToElement(new FineTuneCommand(datasetId, null, JsonDocument.Parse(fineTune).RootElement.Clone()), FineTuneJson.Default.FineTuneCommand),
         }, PipelineJson.Default.MessageEnvelope);
 
+    /// <summary>Delivers finetune-monitor messages as they become visible until every one of <paramref name="runIds"/> has ended; returns them.</summary>
+    public static async Task<RunRecord[]> MonitorUntilAllEndAsync(TestPipeline pipeline, IReadOnlyList<string> runIds, TimeSpan timeout)
+    {
+        var queue = pipeline.Storage.Queue(StorageNames.Queues.FineTuneMonitor);
+        var clock = System.Diagnostics.Stopwatch.StartNew();
+        while (clock.Elapsed < timeout)
+        {
+            foreach (var message in (await queue.ReceiveMessagesAsync(16)).Value)
+            {
+                await pipeline.StageMessages.FineTuneMonitorAsync(message.Body.ToString(), (int)message.DequeueCount, CancellationToken.None);
+                await queue.DeleteMessageAsync(message.MessageId, message.PopReceipt);
+            }
+
+            var runs = await Task.WhenAll(runIds.Select(id => pipeline.Runs.GetAsync(id)));
+            if (runs.All(r => r is not null && RunStatus.IsFinal(r.Status)))
+            {
+                return runs!;
+            }
+
+            await Task.Delay(100);
+        }
+
+        var states = await Task.WhenAll(runIds.Select(async id => $"{id}: {(await pipeline.Runs.GetAsync(id))?.Status}"));
+        throw new TimeoutException($"Not every run ended within {timeout} ({string.Join(", ", states)}).");
+    }
+
     /// <summary>Delivers finetune-monitor messages as they become visible until the run ends; returns how many were delivered.</summary>
     private static async Task<(RunRecord Run, int Delivered)> MonitorUntilEndAsync(TestPipeline pipeline, string runId, TimeSpan timeout)
     {
