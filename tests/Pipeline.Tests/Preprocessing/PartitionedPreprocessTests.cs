@@ -33,7 +33,7 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     /// The team's labelled sentences (2,000) plus planted exact duplicates: 300 of them again, later in the
     /// file, with their white space changed (identical after normalization), and 40 repeated three times.
     /// </summary>
-    private static string SentencesWithDuplicates()
+    private static string SentencesWithDuplicates(bool labelled = true)
     {
         var sentences = new List<(string Text, int Label)>();
         foreach (var file in new[] { "yelp_labelled.txt", "amazon_cells_labelled.txt" })
@@ -49,11 +49,12 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
         }
 
         var random = new Random(16);
-        var records = sentences.Select(s => JsonSerializer.Serialize(new { text = s.Text, label = s.Label })).ToList();
+        string Record(string text, int label) => labelled ? JsonSerializer.Serialize(new { text, label }) : JsonSerializer.Serialize(new { text });
+        var records = sentences.Select(s => Record(s.Text, s.Label)).ToList();
         for (var i = 0; i < 300; i++)
         {
             var (text, label) = sentences[random.Next(sentences.Count)];
-            records.Insert(random.Next(records.Count / 2, records.Count), JsonSerializer.Serialize(new { text = "  " + text.Replace(" ", "   ") + "\t", label }));
+            records.Insert(random.Next(records.Count / 2, records.Count), Record("  " + text.Replace(" ", "   ") + "\t", label));
         }
 
         for (var i = 0; i < 40; i++)
@@ -61,12 +62,12 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
             var (text, label) = sentences[random.Next(sentences.Count)];
             for (var copy = 0; copy < 3; copy++)
             {
-                records.Insert(random.Next(records.Count), JsonSerializer.Serialize(new { text, label }));
+                records.Insert(random.Next(records.Count), Record(text, label));
             }
         }
 
         // One record of its own, so each test's dataset (content-addressed) is new.
-        records.Add(JsonSerializer.Serialize(new { text = $"A marker sentence {Guid.NewGuid():n}.", label = 0 }));
+        records.Add(Record($"A marker sentence {Guid.NewGuid():n}.", 0));
         return string.Join('\n', records) + "\n";
     }
 
@@ -146,14 +147,15 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     }
 
     [Theory]
-    [InlineData("""{"shardRecords":300}""")]
-    [InlineData("""{"dedup":{"mode":"none"},"validationFraction":0.3,"seed":3,"shardRecords":1000}""")]
-    [InlineData("""{"tokenizer":{"kind":"wordpiece","files":"models/bert-base-uncased/"},"maxSequenceLength":12,"normalize":{"lowercase":true}}""")]
-    public async Task Eight_partitions_give_the_single_pass_shards_and_stats_byte_for_byte(string preprocess)
+    [InlineData("""{"shardRecords":300}""", true)]
+    [InlineData("""{"dedup":{"mode":"none"},"validationFraction":0.3,"seed":3,"shardRecords":1000}""", true)]
+    [InlineData("""{"tokenizer":{"kind":"wordpiece","files":"models/bert-base-uncased/"},"maxSequenceLength":12,"normalize":{"lowercase":true}}""", true)]
+    [InlineData("""{"packing":true,"maxSequenceLength":64,"shardRecords":100}""", false)]
+    public async Task Eight_partitions_give_the_single_pass_shards_and_stats_byte_for_byte(string preprocess, bool labelled)
     {
         await UploadBertAsync();
         using var pipeline = new TestPipeline(azurite, settings: Settings);
-        var (run, dataset) = await IngestAsync(pipeline, SentencesWithDuplicates());
+        var (run, dataset) = await IngestAsync(pipeline, SentencesWithDuplicates(labelled));
         var partitioned = preprocess[..^1] + ""","partitions":8}""";
 
         await pipeline.Preprocess.HandleAsync(new PreprocessRequest(run.DatasetId!, "", Spec(partitioned)), run.RunId, 1, CancellationToken.None);
@@ -169,6 +171,7 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
         var (singleShards, singleStats) = await SinglePassAsync(dataset, preprocess);
         Assert.Equal(singleShards, Describe(manifest.Shards));
         Assert.Equal(singleStats, stats);
+        Assert.Equal(!labelled, manifest.Packed);
 
         // The prepared id does not depend on the partitions: it is the single pass's.
         var recipe = PreprocessRecipe.From(JsonDocument.Parse(preprocess).RootElement);
