@@ -76,7 +76,7 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     private static RunSpec Spec(string preprocess) => RunSpec.Parse(Encoding.UTF8.GetBytes($$"""{"preprocess":{{preprocess}}}"""), "test");
 
     /// <summary>Delivers every queued preprocess-partition message once per loop turn, as a host would; returns how many it handled.</summary>
-    private static async Task<int> DeliverPartitionsAsync(TestPipeline pipeline, int take = 32)
+    private static async Task<int> DeliverPartitionsAsync(TestPipeline pipeline, int take = 32, Barrier? started = null)
     {
         var queue = pipeline.Storage.Queue(StorageNames.Queues.PreprocessPartition);
         var handled = 0;
@@ -93,6 +93,13 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
 
                 await Task.Delay(200);
                 continue;
+            }
+
+            // Hosts that start together each hold a message before any works (none drains the queue before the other is up).
+            if (started is not null)
+            {
+                started.SignalAndWait(TimeSpan.FromSeconds(60));
+                started = null;
             }
 
             foreach (var message in messages)
@@ -266,7 +273,8 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
         await first.Preprocess.HandleAsync(new PreprocessRequest(run.DatasetId!, "", Spec("""{"partitions":8,"shardRecords":500}""")), run.RunId, 1, CancellationToken.None);
 
         // Two hosts poll the same queue at once, one message at a time, as two instances would.
-        var handled = await Task.WhenAll(Task.Run(() => DeliverPartitionsAsync(first, take: 1)), Task.Run(() => DeliverPartitionsAsync(second, take: 1)));
+        using var started = new Barrier(2);
+        var handled = await Task.WhenAll(Task.Run(() => DeliverPartitionsAsync(first, take: 1, started)), Task.Run(() => DeliverPartitionsAsync(second, take: 1, started)));
 
         Assert.Equal(8, handled.Sum());
         Assert.All(handled, n => Assert.True(n > 0, $"each host takes partitions: {string.Join(", ", handled)}"));
