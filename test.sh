@@ -45,6 +45,7 @@ smoke_bench() {
 smoke_bench '^ingestion/read: [0-9]+\.[0-9]{2}x$' ingest 1
 smoke_bench '^stage/tokenizer: [0-9]+\.[0-9]{2}x on 1 core; stage [0-9]+ cores/1 core: ([0-9]+\.[0-9]{2}|n/a)x \(free sink\)$' preprocess 1500
 smoke_bench '^\| 2,000 \|' neardup 1000 2000
+smoke_bench '^preprocess scale: [0-9]+ records/s, peak [0-9]+ MB per partition, duplicates found [0-9]+ of [0-9]+$' preprocess-scale 3000
 smoke_bench '^Stage / naive: ' infer 16
 smoke_bench '^Stage / naive: ' infer real 16
 smoke_bench '^\| whole job: ' finetune generated '{"epochs":1}'

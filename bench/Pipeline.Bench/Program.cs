@@ -2,6 +2,7 @@ using Pipeline.Bench;
 
 // dotnet run -c Release --project bench/Pipeline.Bench -- ingest [sizeMB ...]        (default: 64 256)
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
+// dotnet run -c Release --project bench/Pipeline.Bench -- preprocess-scale [records ...] (default: 1000000 10000000; a child process per partition)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- infer [real] [rows]       (default: 20000; real: the pretrained MiniLM classifier)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}']  (the real encoder: the starter all-MiniLM-L6-v2)
@@ -11,7 +12,7 @@ using Pipeline.Bench;
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
 var mode = args.Length > 0 ? args[0] : "ingest";
-var numbers = mode == "finetune" ? [] : args.Skip(1).Where(a => a != "real").Select(int.Parse).ToArray();
+var numbers = mode is "finetune" or "preprocess-scale-partition" ? [] : args.Skip(1).Where(a => a != "real").Select(int.Parse).ToArray();
 switch (mode)
 {
     case "ingest":
@@ -19,6 +20,12 @@ switch (mode)
         break;
     case "preprocess":
         await PreprocessingBench.RunAsync(numbers.Length > 0 ? numbers[0] : 200_000);
+        break;
+    case "preprocess-scale":
+        await PreprocessScaleBench.RunAsync(numbers.Length > 0 ? numbers : [1_000_000, 10_000_000]);
+        break;
+    case "preprocess-scale-partition":
+        await PreprocessScaleBench.PartitionAsync(args[1..]);
         break;
     case "neardup":
         NearDuplicateBench.Run(numbers.Length > 0 ? numbers : [10_000, 100_000, 1_000_000]);
@@ -34,7 +41,7 @@ switch (mode)
         await FineTuneBench.RunAsync(args.Skip(generated ? 2 : 1).FirstOrDefault(), generated);
         break;
     default:
-        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|neardup|infer [real] [numbers] | finetune [generated] ['{json}']");
+        Console.Error.WriteLine("usage: Pipeline.Bench ingest|preprocess|preprocess-scale|neardup|infer [real] [numbers] | finetune [generated] ['{json}']");
         return 2;
 }
 

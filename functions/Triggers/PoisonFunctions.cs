@@ -22,6 +22,10 @@ public sealed class PoisonFunctions(FailedMessages failed)
     public Task PreprocessPoisonAsync([QueueTrigger(Queues.Preprocess + Queues.PoisonSuffix)] string message, string id, CancellationToken cancellationToken) =>
         failed.RecordPoisonAsync(Queues.Preprocess, message, id, cancellationToken);
 
+    [Function("PreprocessPartitionPoison")]
+    public Task PreprocessPartitionPoisonAsync([QueueTrigger(Queues.PreprocessPartition + Queues.PoisonSuffix)] string message, string id, CancellationToken cancellationToken) =>
+        failed.RecordPoisonAsync(Queues.PreprocessPartition, message, id, cancellationToken);
+
     [Function("FineTunePoison")]
     public Task FineTunePoisonAsync([QueueTrigger(Queues.FineTune + Queues.PoisonSuffix)] string message, string id, CancellationToken cancellationToken) =>
         failed.RecordPoisonAsync(Queues.FineTune, message, id, cancellationToken);

@@ -22,6 +22,10 @@ public sealed class StageFunctions(QueueInvocation invocation, BlobDrops drops, 
     public Task PreprocessAsync([QueueTrigger(StorageNames.Queues.Preprocess)] string message, int dequeueCount, string id, CancellationToken cancellationToken) =>
         invocation.RunAsync(StorageNames.Queues.Preprocess, message, id, ct => stages.PreprocessAsync(message, dequeueCount, ct), cancellationToken);
 
+    [Function("PreprocessPartition")]
+    public Task PreprocessPartitionAsync([QueueTrigger(StorageNames.Queues.PreprocessPartition)] string message, int dequeueCount, string id, CancellationToken cancellationToken) =>
+        invocation.RunAsync(StorageNames.Queues.PreprocessPartition, message, id, ct => stages.PreprocessPartitionAsync(message, dequeueCount, ct), cancellationToken);
+
     [Function("FineTune")]
     public Task FineTuneAsync([QueueTrigger(StorageNames.Queues.FineTune)] string message, int dequeueCount, string id, CancellationToken cancellationToken) =>
         invocation.RunAsync(StorageNames.Queues.FineTune, message, id, ct => stages.FineTuneAsync(message, dequeueCount, ct), cancellationToken);

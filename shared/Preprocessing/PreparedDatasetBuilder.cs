@@ -41,6 +41,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
         public ReadOnlySpan<byte> Line(int index) => _bytes.AsSpan(_lines[index].Offset, _lines[index].Length);
 
+        public ReadOnlyMemory<byte> Memory(int index) => _bytes.AsMemory(_lines[index].Offset, _lines[index].Length);
+
         public void Clear()
         {
             _lines.Clear();
@@ -100,6 +102,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         CancellationToken cancellationToken) =>
         BuildAsync(records, dataset, ShardSink.Blobs(output, options.UploadBlockBytes), folder, progress, cancellationToken);
 
+    /// <summary>The single pass: every record read, cleaned, tokenized, deduplicated and split by this one call.</summary>
     public async Task<BuildResult> BuildAsync(
         Stream records,
         DatasetManifest dataset,
@@ -108,27 +111,239 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         Func<BuildProgress, ValueTask>? progress,
         CancellationToken cancellationToken)
     {
-        var labels = LabelNames(dataset);
-        var labelIds = labels.Select((name, id) => (name, id)).ToDictionary(x => x.name, x => x.id, StringComparer.Ordinal);
-        var packed = recipe.Packing && labels.Count == 0 && dataset.RecordKind == RecordKinds.Text;
-        var cleaner = new TextCleaner(recipe.Normalize, recipe.Redact);
+        var context = Context(dataset);
         var near = recipe.Dedup.Mode == DedupModes.Near ? new NearDuplicateIndex(recipe.Dedup) : null;
         var exact = recipe.Dedup.Mode == DedupModes.Exact ? new HashSet<ulong>() : null;
         var keptExcerpts = new List<(long Line, string Excerpt)>();
         var firstByKey = new Dictionary<ulong, int>();
-
-        var stats = new PreparedStats { Lengths = new LengthPercentiles(0, 0, 0, 0, 0, 0), Epochs = recipe.Epochs, CostPerMillionTokens = recipe.CostPerMillionTokens };
-        var histogram = new long[recipe.MaxSequenceLength + 2];
         var redactions = new RedactionCounts();
-        var seen = new Dictionary<int, (long Seen, long Validation)>();
-        await using var train = new ShardWriter(output, folder, "train", recipe.ShardRecords, options.UploadBlockBytes);
-        await using var validation = new ShardWriter(output, folder, "validation", recipe.ShardRecords, options.UploadBlockBytes);
-        var packBuffers = new[] { new List<int>(), new List<int>() };
-        var endOfText = tokenizers.Probe.EndOfText;
+        await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
+        var stats = assembly.Stats;
 
+        await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, near), async batch =>
+        {
+            for (var i = 0; i < batch.Count; i++)
+            {
+                var record = batch.Results[i];
+                stats.RecordsRead++;
+                redactions.Emails += record.Emails;
+                redactions.Phones += record.Phones;
+                redactions.IpAddresses += record.IpAddresses;
+                if (!record.Kept)
+                {
+                    continue;
+                }
+
+                if (IsDuplicate(record, exact, near, firstByKey, keptExcerpts, stats))
+                {
+                    continue;
+                }
+
+                if (keptExcerpts.Count < options.DuplicateSampleSources)
+                {
+                    keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
+                }
+
+                await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+            }
+
+            if (progress is not null)
+            {
+                await progress(new BuildProgress(stats.RecordsRead, assembly.Tokens));
+            }
+        }, cancellationToken);
+
+        return await assembly.CompleteAsync(dataset, redactions, cancellationToken);
+    }
+
+    /// <summary>
+    /// The planner's pass: each record line goes, unchanged and in source order, to partition
+    /// <c>hash(dedup key) mod partitions</c>, the dedup key being the cleaned, rendered text and the label,
+    /// so records that are exact duplicates after normalization always meet in the same partition.
+    /// Returns the records written to each partition.
+    /// </summary>
+    public async Task<long[]> PartitionAsync(Stream records, IReadOnlyList<Stream> partitions, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken)
+    {
+        var cleaner = new TextCleaner(recipe.Normalize, recipe.Redact);
+        var counts = new long[partitions.Count];
+        var newline = new byte[] { (byte)'\n' };
+        long read = 0;
+        await ReadInBatchesAsync(records, (line, result, _) => result.Key = KeyOf(line, cleaner), async batch =>
+        {
+            for (var i = 0; i < batch.Count; i++)
+            {
+                var partition = PartitionOf(batch.Results[i].Key, partitions.Count);
+                var output = partitions[partition];
+                await output.WriteAsync(batch.Memory(i), cancellationToken);
+                await output.WriteAsync(newline, cancellationToken);
+                counts[partition]++;
+            }
+
+            read += batch.Count;
+            if (progress is not null)
+            {
+                await progress(new BuildProgress(read, 0));
+            }
+        }, cancellationToken);
+        return counts;
+    }
+
+    /// <summary>The partition a dedup key belongs to.</summary>
+    public static int PartitionOf(ulong key, int partitions) => (int)(key % (ulong)partitions);
+
+    /// <summary>
+    /// One partition's heavy work: its records cleaned and tokenized, exact duplicates removed (they all
+    /// meet here), and the kept ones written in source order to <paramref name="kept"/> for the assembly.
+    /// Memory: one dedup entry per distinct record of the partition, and the excerpts of its first
+    /// <see cref="PreprocessingOptions.DuplicateSampleSources"/> kept records.
+    /// </summary>
+    public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken)
+    {
+        if (recipe.Dedup.Mode == DedupModes.Near)
+        {
+            throw new InvalidOperationException("Near-duplicate dedup is prepared in a single pass; the partitioned build does none and exact dedup.");
+        }
+
+        var context = Context(dataset);
+        var firstLines = recipe.Dedup.Mode == DedupModes.Exact ? new Dictionary<ulong, long>() : null;
+        var excerpts = new Dictionary<long, string>();
+        var outcome = new PartitionOutcome { Partition = partition };
+        long tokens = 0;
+        await using var writer = new KeptRecords.Writer(kept);
+        await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, null), async batch =>
+        {
+            for (var i = 0; i < batch.Count; i++)
+            {
+                var record = batch.Results[i];
+                outcome.RecordsRead++;
+                outcome.Emails += record.Emails;
+                outcome.Phones += record.Phones;
+                outcome.IpAddresses += record.IpAddresses;
+                if (!record.Kept)
+                {
+                    continue;
+                }
+
+                if (firstLines is not null && !firstLines.TryAdd(record.Key, record.Line))
+                {
+                    outcome.ExactDuplicatesRemoved++;
+                    if (outcome.DuplicateSamples.Count < options.DuplicateSamples)
+                    {
+                        var keptLine = firstLines[record.Key];
+                        outcome.DuplicateSamples.Add(excerpts.TryGetValue(keptLine, out var excerpt)
+                            ? new DuplicatePair(keptLine, record.Line, 1.0, excerpt, Excerpt(record.Text!))
+                            : new DuplicatePair(0, record.Line, 1.0, "", Excerpt(record.Text!)));
+                    }
+
+                    continue;
+                }
+
+                if (excerpts.Count < options.DuplicateSampleSources)
+                {
+                    excerpts[record.Line] = Excerpt(record.Text!);
+                }
+
+                outcome.Kept++;
+                tokens += record.Count;
+                await writer.WriteAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+            }
+
+            if (progress is not null)
+            {
+                await progress(new BuildProgress(outcome.RecordsRead, tokens));
+            }
+        }, cancellationToken);
+        await writer.CompleteAsync(cancellationToken);
+        return outcome;
+    }
+
+    /// <summary>
+    /// The assembly of a partitioned build: the partitions' kept records merged back into source order
+    /// (each partition is in source order, so a k-way merge streams them), then split, packed and written
+    /// by the same code as the single pass, so shards and statistics are the same bytes. Memory: one
+    /// record per partition, plus what the split and the shard writers hold.
+    /// </summary>
+    public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken)
+    {
+        var context = Context(dataset);
+        await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
+        var stats = assembly.Stats;
+        var redactions = new RedactionCounts();
+        foreach (var outcome in outcomes)
+        {
+            stats.RecordsRead += outcome.RecordsRead;
+            stats.ExactDuplicatesRemoved += outcome.ExactDuplicatesRemoved;
+            redactions.Emails += outcome.Emails;
+            redactions.Phones += outcome.Phones;
+            redactions.IpAddresses += outcome.IpAddresses;
+        }
+
+        // The single pass samples the first removals in source order; each partition kept its own first ones.
+        var samples = outcomes.SelectMany(o => o.DuplicateSamples).OrderBy(s => s.RemovedLine).Take(options.DuplicateSamples).ToList();
+        var samplesByKeptLine = samples.Select((s, i) => (s.KeptLine, i)).Where(x => x.KeptLine > 0).ToLookup(x => x.KeptLine, x => x.i);
+
+        var readers = kept.Select((stream, i) => new KeptRecords.Reader(stream, $"partition {i}")).ToList();
+        try
+        {
+            var next = new PriorityQueue<int, long>();
+            for (var i = 0; i < readers.Count; i++)
+            {
+                if (await readers[i].ReadAsync(cancellationToken))
+                {
+                    next.Enqueue(i, readers[i].Current.Line);
+                }
+            }
+
+            long keptIndex = 0;
+            while (next.TryDequeue(out var i, out _))
+            {
+                var record = readers[i].Current;
+                if (keptIndex >= options.DuplicateSampleSources)
+                {
+                    // The single pass remembers the excerpts of its first kept records only.
+                    foreach (var sample in samplesByKeptLine[record.Line])
+                    {
+                        samples[sample] = samples[sample] with { KeptLine = 0, Kept = "" };
+                    }
+                }
+
+                keptIndex++;
+                await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+                if (await readers[i].ReadAsync(cancellationToken))
+                {
+                    next.Enqueue(i, readers[i].Current.Line);
+                }
+            }
+        }
+        finally
+        {
+            foreach (var reader in readers)
+            {
+                await reader.DisposeAsync();
+            }
+        }
+
+        stats.DuplicateSamples = samples;
+        return await assembly.CompleteAsync(dataset, redactions, cancellationToken);
+    }
+
+    private sealed record BuildContext(TextCleaner Cleaner, List<string> Labels, Dictionary<string, int> LabelIds, bool Packed);
+
+    private BuildContext Context(DatasetManifest dataset)
+    {
+        var labels = LabelNames(dataset);
+        var labelIds = labels.Select((name, id) => (name, id)).ToDictionary(x => x.name, x => x.id, StringComparer.Ordinal);
+        var packed = recipe.Packing && labels.Count == 0 && dataset.RecordKind == RecordKinds.Text;
+        return new BuildContext(new TextCleaner(recipe.Normalize, recipe.Redact), labels, labelIds, packed);
+    }
+
+    /// <summary>
+    /// Reads non-empty lines in batches; each batch is processed in parallel (one tokenizer per worker),
+    /// then committed in record order while the next batch is read and processed.
+    /// </summary>
+    private async Task ReadInBatchesAsync(Stream records, Action<ReadOnlySpan<byte>, Processed, TextTokenizer> process, Func<Batch, Task> commitBatch, CancellationToken cancellationToken)
+    {
         using var reader = new LineReader(records, int.MaxValue / 4);
-        // Two batches in flight: while one is committed in record order (dedup, split, shard writes), the
-        // next is read and tokenized in parallel.
         var batches = new[] { new Batch(options.BatchRecords), new Batch(options.BatchRecords) };
         var current = 0;
         var commit = Task.CompletedTask;
@@ -156,104 +371,56 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 tokenizers.Rent,
                 (i, _, tokenizer) =>
                 {
-                    Process(batch.Line(i), batch.Results[i], tokenizer, cleaner, labelIds, near, packed);
+                    process(batch.Line(i), batch.Results[i], tokenizer);
                     return tokenizer;
                 },
                 tokenizers.Return);
 
             await commit;
-            commit = Task.Run(() => CommitAsync(batch), cancellationToken);
+            commit = Task.Run(() => commitBatch(batch), cancellationToken);
             current ^= 1;
         }
 
         await commit;
-
-        async Task CommitAsync(Batch batch)
-        {
-            for (var i = 0; i < batch.Count; i++)
-            {
-                var record = batch.Results[i];
-                stats.RecordsRead++;
-                redactions.Emails += record.Emails;
-                redactions.Phones += record.Phones;
-                redactions.IpAddresses += record.IpAddresses;
-                if (!record.Kept)
-                {
-                    continue;
-                }
-
-                if (IsDuplicate(record, exact, near, firstByKey, keptExcerpts, stats))
-                {
-                    continue;
-                }
-
-                if (keptExcerpts.Count < options.DuplicateSampleSources)
-                {
-                    keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
-                }
-
-                var toValidation = AssignToValidation(record, seen);
-                var split = toValidation ? stats.Validation : stats.Train;
-                split.Records++;
-                if (record.Label is { } label)
-                {
-                    split.Labels[labels[label]] = split.Labels.GetValueOrDefault(labels[label]) + 1;
-                }
-
-                if (record.Truncated)
-                {
-                    stats.Truncated++;
-                }
-
-                if (packed)
-                {
-                    var buffer = packBuffers[toValidation ? 1 : 0];
-                    buffer.AddRange(record.Tokens.Span);
-                    buffer.Add(endOfText);
-                    while (buffer.Count >= recipe.MaxSequenceLength)
-                    {
-                        await WriteBlockAsync(toValidation ? validation : train, split, buffer, recipe.MaxSequenceLength, record.Line, histogram, stats, cancellationToken);
-                    }
-
-                    continue;
-                }
-
-                split.Tokens += record.Count;
-                histogram[Math.Min(record.Count, histogram.Length - 1)]++;
-                await (toValidation ? validation : train).WriteAsync(record.Tokens, record.Label, record.PromptLength, record.Line, cancellationToken);
-            }
-
-            if (progress is not null)
-            {
-                await progress(new BuildProgress(stats.RecordsRead, stats.Train.Tokens + stats.Validation.Tokens));
-            }
-        }
-
-        if (packed)
-        {
-            for (var s = 0; s < 2; s++)
-            {
-                if (packBuffers[s].Count > 0)
-                {
-                    await WriteBlockAsync(s == 1 ? validation : train, s == 1 ? stats.Validation : stats.Train, packBuffers[s], packBuffers[s].Count, 0, histogram, stats, cancellationToken);
-                }
-            }
-        }
-
-        await train.CompleteAsync(cancellationToken);
-        await validation.CompleteAsync(cancellationToken);
-
-        var kept = stats.Train.Records + stats.Validation.Records;
-        stats.TruncatedFraction = kept == 0 ? 0 : Math.Round((double)stats.Truncated / kept, 6);
-        stats.Redactions = new() { ["emails"] = redactions.Emails, ["phones"] = redactions.Phones, ["ipAddresses"] = redactions.IpAddresses };
-        stats.IngestInvalidRecords = dataset.Counts.Invalid;
-        stats.EstimatedTrainingTokens = stats.Train.Tokens * recipe.Epochs;
-        stats.EstimatedCost = Math.Round(stats.EstimatedTrainingTokens / 1e6 * recipe.CostPerMillionTokens, 4);
-        var finalStats = stats with { Lengths = Percentiles(histogram) };
-        return new BuildResult([.. train.Shards, .. validation.Shards], finalStats, labels, packed);
     }
 
-    private void Process(ReadOnlySpan<byte> line, Processed result, TextTokenizer tokenizer, TextCleaner cleaner, Dictionary<string, int> labelIds, NearDuplicateIndex? near, bool packed)
+    /// <summary>The dedup key of a record line, without tokenizing it (the planner's work).</summary>
+    private ulong KeyOf(ReadOnlySpan<byte> line, TextCleaner cleaner)
+    {
+        var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        var rendered = Render(record, cleaner, new RedactionCounts(), out _, out _);
+        return Key(rendered, record.Label);
+    }
+
+    private string Render(CanonicalRecord record, TextCleaner cleaner, RedactionCounts counts, out string? prompt, out string? answer)
+    {
+        prompt = answer = null;
+        if (record.Messages is { } messages)
+        {
+            return RenderChat(messages, cleaner, counts);
+        }
+
+        if (record.Completion is { } completion)
+        {
+            prompt = cleaner.Clean(record.Prompt ?? "", counts);
+            answer = cleaner.Clean(completion, counts);
+            return prompt + "\n" + answer;
+        }
+
+        return cleaner.Clean(record.Text ?? "", counts);
+    }
+
+    private static ulong Key(string rendered, string? label)
+    {
+        var key = WorkerKeys.Value!;
+        key.Reset();
+        key.Append(MemoryMarshal.AsBytes(rendered.AsSpan()));
+        key.Append("\u0001"u8);
+        key.Append(MemoryMarshal.AsBytes((label ?? "").AsSpan()));
+        return key.GetCurrentHashAsUInt64();
+    }
+
+    private void Process(ReadOnlySpan<byte> line, Processed result, TextTokenizer tokenizer, BuildContext context, NearDuplicateIndex? near)
     {
         result.Kept = false;
         result.Signature = null;
@@ -265,22 +432,13 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         result.Line = record.Line;
         result.Text = null;
         var ids = WorkerIds.Value!;
-        string rendered;
-        if (record.Messages is { } messages)
+        var rendered = Render(record, context.Cleaner, counts, out var prompt, out var answer);
+        if (answer is not null)
         {
-            rendered = RenderChat(messages, cleaner, counts);
-            tokenizer.Encode(rendered, ids);
-        }
-        else if (record.Completion is { } completion)
-        {
-            var prompt = cleaner.Clean(record.Prompt ?? "", counts);
-            var answer = cleaner.Clean(completion, counts);
-            rendered = prompt + "\n" + answer;
-            result.PromptLength = tokenizer.EncodePair(prompt, answer, ids);
+            result.PromptLength = tokenizer.EncodePair(prompt!, answer, ids);
         }
         else
         {
-            rendered = cleaner.Clean(record.Text ?? "", counts);
             tokenizer.Encode(rendered, ids);
         }
 
@@ -294,7 +452,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
         if (record.Label is { } label)
         {
-            if (!labelIds.TryGetValue(label, out var id))
+            if (!context.LabelIds.TryGetValue(label, out var id))
             {
                 throw new PreprocessingRejectedException(PreprocessErrorCodes.InvalidRecipe, $"Record on line {record.Line} has the label '{label}', which the dataset manifest does not list (more than {LabelCounter.MaxLabels} distinct labels?).");
             }
@@ -302,18 +460,13 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             result.Label = id;
         }
 
-        if (!packed)
+        if (!context.Packed)
         {
             result.Truncated = tokenizer.Truncate(ids, recipe.MaxSequenceLength);
         }
 
         result.SetIds(ids);
-        var key = WorkerKeys.Value!;
-        key.Reset();
-        key.Append(MemoryMarshal.AsBytes(rendered.AsSpan()));
-        key.Append("\u0001"u8);
-        key.Append(MemoryMarshal.AsBytes((record.Label ?? "").AsSpan()));
-        result.Key = key.GetCurrentHashAsUInt64();
+        result.Key = Key(rendered, record.Label);
         result.Signature = near?.Signature(rendered);
         result.Text = rendered;
         result.Kept = true;
@@ -382,38 +535,6 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
     private static string Excerpt(string text) => text.Length <= ExcerptChars ? text : text[..ExcerptChars] + "…";
 
-    /// <summary>
-    /// Deterministic, seeded split by record hash, stratified by label: within each label the validation
-    /// share stays within one record of the fraction, and the hash decides inside that band.
-    /// </summary>
-    private bool AssignToValidation(Processed record, Dictionary<int, (long Seen, long Validation)> seen)
-    {
-        if (recipe.ValidationFraction == 0)
-        {
-            return false;
-        }
-
-        var stratum = record.Label ?? -1;
-        var (n, v) = seen.GetValueOrDefault(stratum);
-        var expected = recipe.ValidationFraction * (n + 1);
-        Span<byte> key = stackalloc byte[sizeof(ulong)];
-        BitConverter.TryWriteBytes(key, record.Key);
-        var u = XxHash3.HashToUInt64(key, recipe.Seed) / (double)ulong.MaxValue;
-        var toValidation = v + 1 <= Math.Floor(expected) - 1 || (v + 1 <= Math.Ceiling(expected) && u < recipe.ValidationFraction);
-        seen[stratum] = (n + 1, v + (toValidation ? 1 : 0));
-        return toValidation;
-    }
-
-    private static async ValueTask WriteBlockAsync(ShardWriter writer, SplitStats split, List<int> buffer, int length, long line, long[] histogram, PreparedStats stats, CancellationToken cancellationToken)
-    {
-        var block = buffer.GetRange(0, length).ToArray();
-        buffer.RemoveRange(0, length);
-        split.Tokens += block.Length;
-        histogram[Math.Min(block.Length, histogram.Length - 1)]++;
-        stats.PackedBlocks++;
-        await writer.WriteAsync(block, null, null, line, cancellationToken);
-    }
-
     /// <summary>Label names by id: numeric labels in numeric order, others in ordinal order.</summary>
     public static List<string> LabelNames(DatasetManifest dataset)
     {
@@ -429,35 +550,6 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         }
 
         return [.. names.Order(StringComparer.Ordinal)];
-    }
-
-    private static LengthPercentiles Percentiles(long[] histogram)
-    {
-        var total = histogram.Sum();
-        if (total == 0)
-        {
-            return new LengthPercentiles(0, 0, 0, 0, 0, 0);
-        }
-
-        int At(double q)
-        {
-            var target = (long)Math.Ceiling(q * total);
-            long running = 0;
-            for (var length = 0; length < histogram.Length; length++)
-            {
-                running += histogram[length];
-                if (running >= target)
-                {
-                    return length;
-                }
-            }
-
-            return histogram.Length - 1;
-        }
-
-        var max = Array.FindLastIndex(histogram, c => c > 0);
-        var mean = histogram.Select((count, length) => (double)count * length).Sum() / total;
-        return new LengthPercentiles(At(0.5), At(0.9), At(0.95), At(0.99), max, Math.Round(mean, 2));
     }
 }
 
@@ -476,6 +568,8 @@ public sealed class PreprocessingOptions
     public int DuplicateSampleSources { get; set; } = 100_000;
     /// <summary>Block size of streamed shard uploads. Default 8 MiB.</summary>
     public int UploadBlockBytes { get; set; } = 8 * 1024 * 1024;
+    /// <summary>Block size of the planner's partition uploads (it holds one block per partition). Default 1 MiB.</summary>
+    public int PartitionBlockBytes { get; set; } = 1024 * 1024;
 
     public int EffectiveParallelism => Parallelism > 0 ? Parallelism : Environment.ProcessorCount;
 }

@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Text.Json;
 using Microsoft.Extensions.Logging;
 using Microsoft.Extensions.Options;
 using Pipeline.Ingestion;
@@ -12,19 +11,44 @@ namespace Pipeline.Preprocessing;
 /// <summary>
 /// The preprocessing stage: a dataset and a recipe become
 /// <c>datasets/&lt;datasetId&gt;/prepared/&lt;preparedId&gt;/</c> (train and validation shards,
-/// <c>stats.json</c>, <c>report.json</c>, <c>manifest.json</c> last). A fine-tune is queued only when the
-/// run asks for one and the report passes its thresholds.
+/// <c>stats.json</c>, <c>report.json</c>, <c>manifest.json</c> last). A dataset of more than
+/// <c>partitionRecords</c> records (or a recipe that asks) is fanned out over partitions
+/// (<see cref="PartitionedBuild"/>); a smaller one is prepared in a single pass. A fine-tune is queued
+/// only when the run asks for one and the report passes its thresholds.
 /// </summary>
-public sealed class PreprocessHandler(
-    StorageClients storage,
-    RunStore runs,
-    RunTransitions transitions,
-    QueueSender sender,
-    IOptions<PreprocessingOptions> options,
-    IOptions<IngestionOptions> ingestionOptions,
-    ILogger<PreprocessHandler> logger)
+public sealed class PreprocessHandler
 {
+    private readonly StorageClients storage;
+    private readonly RunTransitions transitions;
+    private readonly PreprocessingOptions options;
+    private readonly IngestionOptions ingestionOptions;
+    private readonly ILogger logger;
+    private readonly PreparedCommit commit;
+    private readonly PartitionedBuild partitioned;
+
+    public PreprocessHandler(
+        StorageClients storage,
+        RunStore runs,
+        RunTransitions transitions,
+        QueueSender sender,
+        IOptions<PreprocessingOptions> options,
+        IOptions<IngestionOptions> ingestionOptions,
+        ILogger<PreprocessHandler> logger)
+    {
+        this.storage = storage;
+        this.transitions = transitions;
+        this.options = options.Value;
+        this.ingestionOptions = ingestionOptions.Value;
+        this.logger = logger;
+        commit = new PreparedCommit(storage, runs, transitions, sender, logger);
+        partitioned = new PartitionedBuild(storage, runs, transitions, sender, commit, this.options, this.ingestionOptions.ProgressInterval, logger);
+    }
+
     public static string Folder(string datasetId, string preparedId) => PreparedPaths.Folder(datasetId, preparedId);
+
+    /// <summary>The prepared id: the dataset, the recipe (without its partitioning settings) and the tokenizer's fingerprint.</summary>
+    public static string PreparedIdFor(string datasetId, PreprocessRecipe recipe, TokenizerSource tokenizer) =>
+        "pp-" + RunIds.Hash($"{datasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}", 24);
 
     /// <summary>Handles a <c>preprocess</c> message (from ingestion, or a command).</summary>
     public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
@@ -35,6 +59,10 @@ public sealed class PreprocessHandler(
         await transitions.RunStageAsync(stage, (clock, token) => PrepareAsync(request, runId, clock, token), cancellationToken);
     }
 
+    /// <summary>Handles a <c>preprocess-partition</c> message: one partition of a fanned-out build.</summary>
+    public Task HandlePartitionAsync(PreprocessPartitionRequest request, int dequeueCount, CancellationToken cancellationToken) =>
+        partitioned.HandlePartitionAsync(request, dequeueCount, cancellationToken);
+
     private async Task PrepareAsync(PreprocessRequest request, string runId, Stopwatch clock, CancellationToken cancellationToken)
     {
         var datasets = storage.Container(StorageNames.Containers.Datasets);
@@ -43,155 +71,46 @@ public sealed class PreprocessHandler(
                 $"Dataset {request.DatasetId} has no manifest: it was never ingested, or its ingestion did not finish. Ingest the file first (drop it into incoming).");
         var recipe = PreprocessRecipe.From(request.Spec?.Preprocess);
         var tokenizer = await TokenizerSource.LoadAsync(storage, recipe.Tokenizer, cancellationToken);
-        var preparedId = "pp-" + RunIds.Hash($"{request.DatasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}", 24);
+        var preparedId = PreparedIdFor(request.DatasetId, recipe, tokenizer);
         var folder = Folder(request.DatasetId, preparedId);
 
-        var manifest = await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "manifest.json"), PreprocessJson.Default.PreparedManifest, cancellationToken);
-        ValidationReport report;
-        if (manifest is null)
+        if (await commit.ReadAsync(request.DatasetId, preparedId, cancellationToken) is { } existing)
         {
-            var download = await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync(cancellationToken: cancellationToken);
-            BuildResult build;
-            await using (var records = download.Value.Content)
+            await commit.FinishRunAsync(request, runId, existing.Manifest, existing.Report, clock.Elapsed, cancellationToken);
+            return;
+        }
+
+        var partitions = recipe.PartitionsFor(dataset.Counts.Valid);
+        if (partitions > 1 && recipe.Dedup.Mode == DedupModes.Near)
+        {
+            logger.LogInformation("Dataset {DatasetId} has {Records} records ({Partitions} partitions' worth), but near-duplicate dedup is prepared in a single pass", request.DatasetId, dataset.Counts.Valid, partitions);
+            partitions = 1;
+        }
+
+        if (partitions > 1)
+        {
+            await partitioned.PlanAsync(request, runId, dataset, recipe, tokenizer, preparedId, partitions, cancellationToken);
+            return;
+        }
+
+        var download = await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync(cancellationToken: cancellationToken);
+        BuildResult build;
+        await using (var records = download.Value.Content)
+        {
+            var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
+            var lastProgress = Stopwatch.StartNew();
+            build = await builder.BuildAsync(records, dataset, datasets, folder, async p =>
             {
-                var builder = new PreparedDatasetBuilder(recipe, tokenizer, options.Value);
-                var lastProgress = Stopwatch.StartNew();
-                build = await builder.BuildAsync(records, dataset, datasets, folder, async p =>
+                if (lastProgress.Elapsed >= ingestionOptions.ProgressInterval)
                 {
-                    if (lastProgress.Elapsed >= ingestionOptions.Value.ProgressInterval)
-                    {
-                        lastProgress.Restart();
-                        await transitions.ProgressAsync(runId,
-                            r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens }), cancellationToken);
-                    }
-                }, cancellationToken);
-            }
-
-            if (build.Stats.Train.Records + build.Stats.Validation.Records == 0)
-            {
-                throw new PreprocessingRejectedException(PreprocessErrorCodes.NoRecordsLeft,
-                    $"No records are left after cleaning and deduplication ({build.Stats.RecordsRead} read). Check the recipe's dedup and normalize settings.");
-            }
-
-            report = Report(preparedId, build, recipe, dataset);
-            await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "stats.json"), build.Stats, PreprocessJson.Default.PreparedStats, cancellationToken);
-            await BlobJson.WriteAsync(datasets.GetBlobClient(folder + "report.json"), report, PreprocessJson.Default.ValidationReport, cancellationToken);
-            var probe = tokenizer.Probe;
-            manifest = new PreparedManifest
-            {
-                PreparedId = preparedId,
-                DatasetId = request.DatasetId,
-                RecordKind = dataset.RecordKind,
-                Labels = build.Labels,
-                Tokenizer = tokenizer.Spec,
-                TokenizerFingerprint = tokenizer.Fingerprint,
-                PaddingId = probe.Padding,
-                EndOfTextId = probe.EndOfText,
-                MaxSequenceLength = recipe.MaxSequenceLength,
-                Packed = build.Packed,
-                Shards = build.Shards,
-                Stats = $"{StorageNames.Containers.Datasets}/{folder}stats.json",
-                Report = $"{StorageNames.Containers.Datasets}/{folder}report.json",
-                ReportPassed = report.Passed,
-                Recipe = JsonDocument.Parse(recipe.Canonical()).RootElement.Clone(),
-                RunId = runId,
-                CreatedAt = DateTimeOffset.UtcNow,
-                TimingsMs = new() { ["preprocess"] = Math.Round(clock.Elapsed.TotalMilliseconds, 1) },
-            };
-            if (!await BlobJson.WriteOnceAsync(datasets.GetBlobClient(folder + "manifest.json"), manifest, PreprocessJson.Default.PreparedManifest, cancellationToken))
-            {
-                manifest = (await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "manifest.json"), PreprocessJson.Default.PreparedManifest, cancellationToken))!;
-            }
-        }
-        else
-        {
-            report = (await BlobJson.ReadAsync(datasets.GetBlobClient(folder + "report.json"), PreprocessJson.Default.ValidationReport, cancellationToken))!;
-        }
-
-        var wantsFineTune = request.Spec?.FineTune is { ValueKind: JsonValueKind.Object };
-        var stats = report.Stats;
-        void Record(RunRecord r)
-        {
-            r.SetStage(Stages.Preprocess, RunStatus.Succeeded);
-            r.SetCounts(new Dictionary<string, long>
-            {
-                ["trainRecords"] = stats.Train.Records,
-                ["validationRecords"] = stats.Validation.Records,
-                ["trainTokens"] = stats.Train.Tokens,
-                ["validationTokens"] = stats.Validation.Tokens,
-                ["truncated"] = stats.Truncated,
-                ["duplicatesRemoved"] = stats.ExactDuplicatesRemoved + stats.NearDuplicatesRemoved,
-                ["redactions"] = stats.Redactions.Values.Sum(),
-                ["estimatedTrainingTokens"] = stats.EstimatedTrainingTokens,
-            });
-            r.SetArtifact("prepared", $"{StorageNames.Containers.Datasets}/{folder}");
-            r.SetArtifact("preparedManifest", $"{StorageNames.Containers.Datasets}/{folder}manifest.json");
-            r.SetArtifact("stats", manifest.Stats);
-            r.SetArtifact("report", manifest.Report);
-            r.SetTiming(Stages.Preprocess, clock.Elapsed);
-            r.LastError = null;
-        }
-
-        if (wantsFineTune && !report.Passed)
-        {
-            await runs.UpdateAsync(runId, r =>
-            {
-                Record(r);
-                return true;
+                    lastProgress.Restart();
+                    await transitions.ProgressAsync(runId,
+                        r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens }), cancellationToken);
+                }
             }, cancellationToken);
-            await transitions.FailAsync(runId, Stages.Preprocess, PreprocessErrorCodes.ValidationReportFailed,
-                $"The validation report did not pass, so no fine-tune was started: {report.Summary()} See {manifest.Report}.", clock.Elapsed,
-                r => r.ReportPath = manifest.Report, cancellationToken);
-            return;
         }
 
-        if (wantsFineTune)
-        {
-            await sender.SendAsync(StorageNames.Queues.FineTune, MessageTypes.FineTune, runId,
-                new FineTuneRequest(request.DatasetId, preparedId, $"{StorageNames.Containers.Datasets}/{folder}manifest.json", request.Spec),
-                PreprocessJson.Default.FineTuneRequest, cancellationToken: cancellationToken);
-        }
-
-        // Cancelled (or ended by another delivery) while this one prepared: the run stays as it is.
-        var (_, changed) = await transitions.SucceedAsync(runId, RunEvents.Types.StageSucceeded, r =>
-        {
-            Record(r);
-            RunTransitions.QueueNextOrEnd(r, wantsFineTune ? Stages.FineTune : null);
-        }, cancellationToken);
-        if (!changed)
-        {
-            return;
-        }
-
-        logger.LogInformation("Prepared {PreparedId}: {Train} train / {Validation} validation records, {Tokens} tokens; report {Report}",
-            preparedId, stats.Train.Records, stats.Validation.Records, stats.Train.Tokens + stats.Validation.Tokens, report.Passed ? "passed" : "did not pass");
-    }
-
-    private static ValidationReport Report(string preparedId, BuildResult build, PreprocessRecipe recipe, DatasetManifest dataset)
-    {
-        var stats = build.Stats;
-        var thresholds = recipe.Thresholds;
-        var checks = new List<ReportCheck>
-        {
-            new("minTrainRecords", stats.Train.Records >= thresholds.MinTrainRecords,
-                $"{stats.Train.Records} training records (at least {thresholds.MinTrainRecords} required)"),
-            new("maxTruncatedFraction", stats.TruncatedFraction <= thresholds.MaxTruncatedFraction,
-                $"{stats.TruncatedFraction:P1} of records truncated to {recipe.MaxSequenceLength} tokens (at most {thresholds.MaxTruncatedFraction:P1} allowed)"),
-        };
-        foreach (var label in build.Labels)
-        {
-            var count = stats.Train.Labels.GetValueOrDefault(label);
-            checks.Add(new ReportCheck($"minExamplesPerLabel[{label}]", count >= thresholds.MinExamplesPerLabel,
-                $"label '{label}' has {count} training examples (at least {thresholds.MinExamplesPerLabel} required)"));
-        }
-
-        return new ValidationReport
-        {
-            PreparedId = preparedId,
-            Passed = checks.All(c => c.Passed),
-            Checks = checks,
-            Stats = stats,
-            IngestErrors = $"{StorageNames.Containers.Datasets}/{dataset.Errors}",
-        };
+        var (manifest, report) = await commit.WriteAsync(runId, dataset, recipe, tokenizer, preparedId, build, clock.Elapsed, cancellationToken);
+        await commit.FinishRunAsync(request, runId, manifest, report, clock.Elapsed, cancellationToken);
     }
 }

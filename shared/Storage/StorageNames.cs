@@ -29,6 +29,8 @@ public static class StorageNames
         public const string FineTuneMonitor = "finetune-monitor";
         public const string Inference = "inference";
         public const string InferenceShard = "inference-shard";
+        /// <summary>One partition of a preprocessing build fanned out over partitions.</summary>
+        public const string PreprocessPartition = "preprocess-partition";
         /// <summary>CloudEvents for every run transition.</summary>
         public const string Events = "events";
 
@@ -37,7 +39,7 @@ public static class StorageNames
         public static string Poison(string queue) => queue + PoisonSuffix;
 
         /// <summary>Queues that trigger a stage (each has a poison queue).</summary>
-        public static readonly string[] Triggers = [BlobCreated, Commands, Preprocess, FineTune, FineTuneMonitor, Inference, InferenceShard];
+        public static readonly string[] Triggers = [BlobCreated, Commands, Preprocess, PreprocessPartition, FineTune, FineTuneMonitor, Inference, InferenceShard];
 
         public static readonly string[] All = [.. Triggers, .. Triggers.Select(Poison), Events];
     }

@@ -364,7 +364,7 @@ public sealed class FailedMessages(StorageClients storage, RunStore runs, RunTra
 
     private static string StageOf(string queue) => queue switch
     {
-        StorageNames.Queues.Preprocess => Stages.Preprocess,
+        StorageNames.Queues.Preprocess or StorageNames.Queues.PreprocessPartition => Stages.Preprocess,
         StorageNames.Queues.FineTune or StorageNames.Queues.FineTuneMonitor => Stages.FineTune,
         StorageNames.Queues.Inference or StorageNames.Queues.InferenceShard => Stages.Inference,
         _ => Stages.Ingest,

@@ -42,6 +42,17 @@ public sealed class StageMessages(PreprocessHandler preprocess, InferenceHandler
         return preprocess.HandleAsync(body, envelope.RunId ?? fallbackRunId, dequeueCount, cancellationToken);
     }
 
+    public Task PreprocessPartitionAsync(string message, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var body = Body(Open(message, MessageTypes.PreprocessPartition), PreprocessJson.Default.PreprocessPartitionRequest);
+        if (string.IsNullOrWhiteSpace(body.DatasetId) || string.IsNullOrWhiteSpace(body.PreparedId))
+        {
+            throw new InvalidMessageException("The preprocess-partition message needs 'datasetId' and 'preparedId'.");
+        }
+
+        return preprocess.HandlePartitionAsync(body, dequeueCount, cancellationToken);
+    }
+
     public Task InferenceAsync(string message, int dequeueCount, CancellationToken cancellationToken)
     {
         var envelope = Open(message, MessageTypes.Inference);

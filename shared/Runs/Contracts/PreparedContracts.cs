@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Serialization;
+using Pipeline.Messaging;
 using Pipeline.Runs;
 
 namespace Pipeline.Preprocessing;
@@ -98,6 +99,48 @@ public static class PreparedPaths
     public static string Folder(string datasetId, string preparedId) => $"{datasetId}/prepared/{preparedId}/";
 }
 
+/// <summary>Body of a <c>preprocess-partition</c> message: one partition of a partitioned build (see <see cref="PartitionPlan"/>).</summary>
+public sealed record PreprocessPartitionRequest(string DatasetId, string PreparedId, int Partition);
+
+/// <summary>
+/// <c>_partitions/plan.json</c> in a prepared folder: a build fanned out over partitions. Written once every
+/// partition's input is complete, before the partition messages are sent; the request (with its run spec)
+/// is what the assembly needs to finish the stage.
+/// </summary>
+public sealed record PartitionPlan
+{
+    public int SchemaVersion { get; set; } = 1;
+    public required string RunId { get; init; }
+    public required string DatasetId { get; init; }
+    public required string PreparedId { get; init; }
+    public required int Partitions { get; init; }
+    /// <summary>Records of the dataset, and those each partition received.</summary>
+    public required long Records { get; init; }
+    public required List<long> PartitionRecords { get; init; }
+    public required PreprocessRequest Request { get; init; }
+    public required DateTimeOffset CreatedAt { get; init; }
+}
+
+/// <summary>
+/// <c>_partitions/done/NNNNN.json</c>: one partition's commit, written after its kept records. Counts of what
+/// happened before a record was kept (the assembly counts the rest), and its first removed duplicates.
+/// </summary>
+public sealed record PartitionOutcome
+{
+    public int SchemaVersion { get; set; } = 1;
+    public required int Partition { get; init; }
+    public long RecordsRead { get; set; }
+    public long Kept { get; set; }
+    public long ExactDuplicatesRemoved { get; set; }
+    public long Emails { get; set; }
+    public long Phones { get; set; }
+    public long IpAddresses { get; set; }
+    public List<DuplicatePair> DuplicateSamples { get; set; } = [];
+    public int Attempt { get; set; }
+    public double WallMs { get; set; }
+    public DateTimeOffset FinishedAt { get; set; }
+}
+
 /// <summary>Body of a <c>finetune</c> message: the prepared dataset and the run spec.</summary>
 public sealed record FineTuneRequest(string DatasetId, string PreparedId, string PreparedManifest, RunSpec? Spec = null);
 
@@ -107,6 +150,9 @@ public sealed record FineTuneRequest(string DatasetId, string PreparedId, string
 [JsonSerializable(typeof(PreparedStats))]
 [JsonSerializable(typeof(ValidationReport))]
 [JsonSerializable(typeof(FineTuneRequest))]
+[JsonSerializable(typeof(PreprocessPartitionRequest))]
+[JsonSerializable(typeof(PartitionPlan))]
+[JsonSerializable(typeof(PartitionOutcome))]
 [JsonSerializable(typeof(CanonicalRecord))]
 public sealed partial class PreprocessJson : JsonSerializerContext;
 

@@ -33,6 +33,22 @@ public sealed record PreprocessRecipe
     public double CostPerMillionTokens { get; set; } = 3.0;
     /// <summary>What the report must pass before any GPU time is spent.</summary>
     public ReportThresholds Thresholds { get; set; } = new();
+    /// <summary>
+    /// Records per partition: a dataset with more is prepared by <c>ceil(records / partitionRecords)</c>
+    /// partitions on any instances (see the README's fan-out). Default 1,000,000. Not part of the prepared id:
+    /// the output is the same at any number of partitions.
+    /// </summary>
+    public int? PartitionRecords { get; set; }
+    /// <summary>Forces this many partitions whatever the dataset's size (1 = the single pass). Not part of the prepared id.</summary>
+    public int? Partitions { get; set; }
+
+    public const int DefaultPartitionRecords = 1_000_000;
+
+    /// <summary>The partitions a dataset of <paramref name="records"/> records is prepared in (1: the single pass).</summary>
+    public int PartitionsFor(long records) =>
+        Partitions ?? (int)Math.Clamp((records + (PartitionRecords ?? DefaultPartitionRecords) - 1) / (PartitionRecords ?? DefaultPartitionRecords), 1, MaxPartitions);
+
+    public const int MaxPartitions = 1000;
 
     public static PreprocessRecipe From(JsonElement? section)
     {
@@ -80,11 +96,17 @@ public sealed record PreprocessRecipe
         Check(Epochs is >= 1 and <= 100, $"epochs is {Epochs}; use 1 to 100.");
         Check(CostPerMillionTokens >= 0, "costPerMillionTokens must not be negative.");
         Check(Thresholds.MaxTruncatedFraction is >= 0 and <= 1, $"thresholds.maxTruncatedFraction is {Thresholds.MaxTruncatedFraction}; use 0 to 1.");
+        Check(PartitionRecords is null or >= 1000, $"partitionRecords is {PartitionRecords}; use at least 1000 records per partition.");
+        Check(Partitions is null or (>= 1 and <= MaxPartitions), $"partitions is {Partitions}; use 1 to {MaxPartitions}.");
+        Check(Partitions is null or 1 || Dedup.Mode != DedupModes.Near, $"partitions is {Partitions} with dedup.mode near; near-duplicate dedup is prepared in a single pass: use dedup.mode exact or none, or leave partitions out.");
         Check(Thresholds.MinExamplesPerLabel >= 0 && Thresholds.MinTrainRecords >= 0, "thresholds must not be negative.");
     }
 
-    /// <summary>Canonical JSON of the recipe (every default spelled out): with the dataset and tokenizer, the prepared id.</summary>
-    public string Canonical() => JsonSerializer.Serialize(this, PreprocessJson.Default.PreprocessRecipe);
+    /// <summary>
+    /// Canonical JSON of the recipe (every default spelled out): with the dataset and tokenizer, the prepared id.
+    /// The partitioning settings are left out: they change how the work is shared, never the output.
+    /// </summary>
+    public string Canonical() => JsonSerializer.Serialize(this with { PartitionRecords = null, Partitions = null }, PreprocessJson.Default.PreprocessRecipe);
 }
 
 [JsonUnmappedMemberHandling(JsonUnmappedMemberHandling.Disallow)]

@@ -27,6 +27,7 @@ public static class MessageTypes
 {
     public const string Ingest = "ingest";
     public const string Preprocess = "preprocess";
+    public const string PreprocessPartition = "preprocess-partition";
     public const string FineTune = "finetune";
     public const string Cancel = "cancel";
     public const string Inference = "inference";

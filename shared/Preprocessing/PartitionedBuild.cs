@@ -1,0 +1,352 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text.Json;
+using Azure.Storage.Blobs;
+using Azure.Storage.Blobs.Models;
+using Microsoft.Extensions.Logging;
+using Pipeline.Ingestion;
+using Pipeline.Messaging;
+using Pipeline.Runs;
+using Pipeline.Storage;
+
+namespace Pipeline.Preprocessing;
+
+/// <summary>
+/// Where a partitioned build keeps its work, under <c>_partitions/</c> of the prepared folder:
+/// <c>plan.json</c>, <c>NNNNN/input.jsonl</c> (the partition's records, in source order),
+/// <c>NNNNN/kept.bin</c> (its kept records, see <see cref="KeptRecords"/>) and <c>done/NNNNN.json</c>
+/// (its commit, written last).
+/// </summary>
+internal sealed class PartitionFiles(BlobContainerClient datasets, string datasetId, string preparedId)
+{
+    public const string RecordsMetadata = "records";
+
+    public string Folder { get; } = PreparedPaths.Folder(datasetId, preparedId);
+    public string Prefix => Folder + "_partitions/";
+    public BlobContainerClient Container => datasets;
+    public BlobClient Plan => datasets.GetBlobClient(Prefix + "plan.json");
+    public BlobClient Manifest => datasets.GetBlobClient(Folder + "manifest.json");
+    public BlobClient Input(int partition) => datasets.GetBlobClient($"{Prefix}{partition:00000}/input.jsonl");
+    public BlobClient Kept(int partition) => datasets.GetBlobClient($"{Prefix}{partition:00000}/kept.bin");
+    public BlobClient Done(int partition) => datasets.GetBlobClient($"{Prefix}done/{partition:00000}.json");
+
+    /// <summary>The partitions done so far and the records each read (from the done markers' metadata: no reads).</summary>
+    public async Task<List<(int Partition, long Records)>> ListDoneAsync(CancellationToken cancellationToken)
+    {
+        var done = new List<(int, long)>();
+        await foreach (var item in datasets.GetBlobsAsync(BlobTraits.Metadata, BlobStates.None, Prefix + "done/", cancellationToken))
+        {
+            if (int.TryParse(Path.GetFileNameWithoutExtension(item.Name), NumberStyles.None, CultureInfo.InvariantCulture, out var partition))
+            {
+                done.Add((partition, item.Metadata.TryGetValue(RecordsMetadata, out var n) ? long.Parse(n, CultureInfo.InvariantCulture) : 0));
+            }
+        }
+
+        return done;
+    }
+}
+
+/// <summary>
+/// Preprocessing fanned out over partitions, as inference fans out over shards. The planner streams
+/// <c>records.jsonl</c> once into P partitions by a hash of each record's dedup key, so exact duplicates
+/// always meet in one partition, and sends one <c>preprocess-partition</c> message per partition; any
+/// instance cleans, tokenizes and deduplicates any partition (under the partition's lease, committed by
+/// its done marker, so a redelivery does nothing twice and a failed partition is retried alone); the
+/// last to finish merges the partitions' kept records back into source order and writes the shards,
+/// statistics, report and manifest with the single pass's own code, so the output is the same bytes.
+/// </summary>
+internal sealed class PartitionedBuild(
+    StorageClients storage,
+    RunStore runs,
+    RunTransitions transitions,
+    QueueSender sender,
+    PreparedCommit commit,
+    PreprocessingOptions options,
+    TimeSpan progressInterval,
+    ILogger logger)
+{
+    private const string AssembleLock = "preprocess-assemble";
+
+    private PartitionFiles Files(string datasetId, string preparedId) => new(storage.Container(StorageNames.Containers.Datasets), datasetId, preparedId);
+
+    /// <summary>
+    /// Plans the build (or resumes one already planned) and fans it out. The stage stays running: the
+    /// assembly of the last partition ends it.
+    /// </summary>
+    public async Task PlanAsync(PreprocessRequest request, string runId, DatasetManifest dataset, PreprocessRecipe recipe, TokenizerSource tokenizer, string preparedId, int partitions, CancellationToken cancellationToken)
+    {
+        var files = Files(request.DatasetId, preparedId);
+        if (await BlobJson.ReadAsync(files.Plan, PreprocessJson.Default.PartitionPlan, cancellationToken) is { } existing)
+        {
+            await ResumeAsync(files, existing, request, runId, cancellationToken);
+            return;
+        }
+
+        var clock = Stopwatch.StartNew();
+        var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
+        var outputs = new List<Stream>();
+        long[] counts;
+        try
+        {
+            for (var p = 0; p < partitions; p++)
+            {
+                // Small upload blocks: the planner holds one block per partition.
+                outputs.Add(await files.Input(p).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = options.PartitionBlockBytes }, cancellationToken));
+            }
+
+            var download = await files.Container.GetBlobClient(dataset.Records).DownloadStreamingAsync(cancellationToken: cancellationToken);
+            await using var records = download.Value.Content;
+            var lastProgress = Stopwatch.StartNew();
+            counts = await builder.PartitionAsync(records, outputs, async p =>
+            {
+                if (lastProgress.Elapsed >= progressInterval)
+                {
+                    lastProgress.Restart();
+                    await transitions.ProgressAsync(runId, r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecordsPartitioned"] = p.Records }), cancellationToken);
+                }
+            }, cancellationToken);
+        }
+        finally
+        {
+            foreach (var output in outputs)
+            {
+                await output.DisposeAsync();
+            }
+        }
+
+        var plan = new PartitionPlan
+        {
+            RunId = runId,
+            DatasetId = request.DatasetId,
+            PreparedId = preparedId,
+            Partitions = partitions,
+            Records = counts.Sum(),
+            PartitionRecords = [.. counts],
+            Request = request,
+            CreatedAt = DateTimeOffset.UtcNow,
+        };
+        await BlobJson.WriteAsync(files.Plan, plan, PreprocessJson.Default.PartitionPlan, cancellationToken);
+        await transitions.ProgressAsync(runId, r => r.SetCounts(new Dictionary<string, long>
+        {
+            ["preprocessRecordsPartitioned"] = plan.Records,
+            ["preprocessPartitions"] = partitions,
+            ["preprocessPartitionsDone"] = 0,
+        }), cancellationToken);
+        await SendAsync(plan, Enumerable.Range(0, partitions), cancellationToken);
+        logger.LogInformation("Prepared {PreparedId} planned: {Records} records in {Partitions} partitions in {Ms} ms", preparedId, plan.Records, partitions, clock.ElapsedMilliseconds);
+    }
+
+    /// <summary>A redelivery of a planned build: partitions not yet done are sent again (their lease and done marker make that harmless).</summary>
+    private async Task ResumeAsync(PartitionFiles files, PartitionPlan plan, PreprocessRequest request, string runId, CancellationToken cancellationToken)
+    {
+        if (plan.RunId != runId)
+        {
+            if (await runs.GetAsync(plan.RunId, cancellationToken) is { } other && !RunStatus.IsFinal(other.Status))
+            {
+                // Another run is preparing this very dataset with this recipe: this one waits for its manifest.
+                throw new RunBusyException($"Prepared dataset {plan.PreparedId} is being built for run {plan.RunId}; run {runId} takes it when it is done.");
+            }
+
+            // The run that planned it ended (cancelled, failed) before the build did: this run takes the build over.
+            plan = plan with { RunId = runId, Request = request };
+            await BlobJson.WriteAsync(files.Plan, plan, PreprocessJson.Default.PartitionPlan, cancellationToken);
+        }
+
+        var done = (await files.ListDoneAsync(cancellationToken)).Select(d => d.Partition).ToHashSet();
+        await SendAsync(plan, Enumerable.Range(0, plan.Partitions).Where(p => !done.Contains(p)), cancellationToken);
+        await TryAssembleAsync(files, plan, 1, cancellationToken);
+    }
+
+    private async Task SendAsync(PartitionPlan plan, IEnumerable<int> partitions, CancellationToken cancellationToken)
+    {
+        foreach (var partition in partitions)
+        {
+            await sender.SendAsync(StorageNames.Queues.PreprocessPartition, MessageTypes.PreprocessPartition, plan.RunId,
+                new PreprocessPartitionRequest(plan.DatasetId, plan.PreparedId, partition), PreprocessJson.Default.PreprocessPartitionRequest, cancellationToken: cancellationToken);
+        }
+    }
+
+    /// <summary>Handles a <c>preprocess-partition</c> message: builds the partition once, then assembles if it was the last.</summary>
+    public async Task HandlePartitionAsync(PreprocessPartitionRequest request, int dequeueCount, CancellationToken cancellationToken)
+    {
+        var files = Files(request.DatasetId, request.PreparedId);
+        var plan = await BlobJson.ReadAsync(files.Plan, PreprocessJson.Default.PartitionPlan, cancellationToken)
+            ?? throw new InvalidMessageException($"The preprocess-partition message names prepared dataset {request.PreparedId} of {request.DatasetId}, which has no partition plan.");
+        if (request.Partition < 0 || request.Partition >= plan.Partitions)
+        {
+            throw new InvalidMessageException($"The preprocess-partition message names partition {request.Partition}; {request.PreparedId} has partitions 0 to {plan.Partitions - 1}.");
+        }
+
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = plan.RunId, ["PreparedId"] = plan.PreparedId, ["Partition"] = request.Partition });
+        if (!await files.Done(request.Partition).ExistsAsync(cancellationToken))
+        {
+            if ((await runs.GetAsync(plan.RunId, cancellationToken))?.Status is RunStatus.Cancelled or RunStatus.Failed)
+            {
+                logger.LogInformation("Run {RunId} has ended; partition {Partition} is not built", plan.RunId, request.Partition);
+                return;
+            }
+
+            var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = $"Partition {request.Partition} of {plan.PreparedId}" };
+            if (!await transitions.RunPartAsync(part, (clock, token) => BuildAsync(files, plan, request.Partition, dequeueCount, clock, token), cancellationToken))
+            {
+                return;
+            }
+        }
+
+        await TryAssembleAsync(files, plan, dequeueCount, cancellationToken);
+    }
+
+    private async Task BuildAsync(PartitionFiles files, PartitionPlan plan, int partition, int attempt, Stopwatch clock, CancellationToken cancellationToken)
+    {
+        // Two deliveries of one partition at once: the second finds the lease taken and is retried later, when the done marker is there.
+        await using var lease = await RunLease.AcquireAsync(storage, plan.RunId, $"preprocess-partition-{partition:00000}", cancellationToken);
+        using var work = lease.Link(cancellationToken);
+        cancellationToken = work.Token;
+        if (await files.Done(partition).ExistsAsync(cancellationToken))
+        {
+            return;
+        }
+
+        var (dataset, recipe, tokenizer) = await LoadAsync(plan, cancellationToken);
+        var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
+        var lastProgress = Stopwatch.StartNew();
+        PartitionOutcome outcome;
+        var input = await files.Input(partition).DownloadStreamingAsync(cancellationToken: cancellationToken);
+        await using (var records = input.Value.Content)
+        await using (var kept = await files.Kept(partition).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = options.UploadBlockBytes }, cancellationToken))
+        {
+            outcome = await builder.BuildPartitionAsync(partition, records, dataset, kept, async _ =>
+            {
+                if (lastProgress.Elapsed >= progressInterval)
+                {
+                    // A heartbeat that stops the partition when its run was cancelled.
+                    lastProgress.Restart();
+                    await transitions.ProgressAsync(plan.RunId, _ => { }, cancellationToken);
+                }
+            }, cancellationToken);
+        }
+
+        outcome.Attempt = attempt;
+        outcome.WallMs = Math.Round(clock.Elapsed.TotalMilliseconds, 1);
+        outcome.FinishedAt = DateTimeOffset.UtcNow;
+        await files.Done(partition).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(outcome, PreprocessJson.Default.PartitionOutcome)), new BlobUploadOptions
+        {
+            Metadata = new Dictionary<string, string> { [PartitionFiles.RecordsMetadata] = outcome.RecordsRead.ToString(CultureInfo.InvariantCulture) },
+        }, cancellationToken);
+        logger.LogInformation("Partition {Partition} of {PreparedId}: {Records} records, {Kept} kept, {Duplicates} exact duplicates, {Ms} ms",
+            partition, plan.PreparedId, outcome.RecordsRead, outcome.Kept, outcome.ExactDuplicatesRemoved, outcome.WallMs);
+    }
+
+    private async Task<(DatasetManifest, PreprocessRecipe, TokenizerSource)> LoadAsync(PartitionPlan plan, CancellationToken cancellationToken)
+    {
+        var datasets = storage.Container(StorageNames.Containers.Datasets);
+        var dataset = await BlobJson.ReadAsync(datasets.GetBlobClient($"{plan.DatasetId}/manifest.json"), PipelineJson.Default.DatasetManifest, cancellationToken)
+            ?? throw new PreprocessingRejectedException(PreprocessErrorCodes.DatasetNotFound, $"Dataset {plan.DatasetId} has no manifest any more; ingest the file again.");
+        var recipe = PreprocessRecipe.From(plan.Request.Spec?.Preprocess);
+        var tokenizer = await TokenizerSource.LoadAsync(storage, recipe.Tokenizer, cancellationToken);
+        if (PreprocessHandler.PreparedIdFor(plan.DatasetId, recipe, tokenizer) != plan.PreparedId)
+        {
+            throw new PreprocessingRejectedException(PreprocessErrorCodes.InvalidTokenizerFiles,
+                $"The tokenizer files of {recipe.Tokenizer.Files} changed while {plan.PreparedId} was being prepared; its partitions would mix two tokenizers. Send the preprocess command again.");
+        }
+
+        return (dataset, recipe, tokenizer);
+    }
+
+    /// <summary>
+    /// Reports progress from the done markers and, when every partition is done, assembles under the
+    /// build's lease; the manifest is written last, so a crash here leaves none and a redelivery redoes it.
+    /// </summary>
+    private async Task TryAssembleAsync(PartitionFiles files, PartitionPlan plan, int attempt, CancellationToken cancellationToken)
+    {
+        var run = await runs.GetAsync(plan.RunId, cancellationToken);
+        if (run is null || RunTransitions.IsDone(run, Stages.Preprocess))
+        {
+            return;
+        }
+
+        var done = await files.ListDoneAsync(cancellationToken);
+        var recordsDone = done.Sum(d => d.Records);
+        var rate = recordsDone / Math.Max(0.001, (DateTimeOffset.UtcNow - plan.CreatedAt).TotalSeconds);
+        await runs.UpdateAsync(plan.RunId, r =>
+        {
+            if (RunStatus.IsFinal(r.Status))
+            {
+                return false;
+            }
+
+            r.SetCounts(new Dictionary<string, long>
+            {
+                ["preprocessRecords"] = recordsDone,
+                ["preprocessPartitions"] = plan.Partitions,
+                ["preprocessPartitionsDone"] = done.Count,
+                ["preprocessRecordsPerSecond"] = (long)rate,
+                ["preprocessEtaSeconds"] = rate > 0 ? (long)Math.Ceiling(Math.Max(0, plan.Records - recordsDone) / rate) : -1,
+            });
+            return true;
+        }, cancellationToken);
+        if (done.Count < plan.Partitions)
+        {
+            return;
+        }
+
+        var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, attempt, logger) { Part = $"Assembly of {plan.PreparedId}" };
+        await transitions.RunPartAsync(part, (_, token) => AssembleAsync(files, plan, token), cancellationToken);
+    }
+
+    private async Task AssembleAsync(PartitionFiles files, PartitionPlan plan, CancellationToken cancellationToken)
+    {
+        RunLease lease;
+        try
+        {
+            lease = await RunLease.AcquireAsync(storage, plan.RunId, AssembleLock, cancellationToken);
+        }
+        catch (RunBusyException)
+        {
+            // Another instance finished the last partition at the same time and is assembling; if it fails, its own message's retry assembles.
+            logger.LogInformation("Prepared {PreparedId} is being assembled by another instance", plan.PreparedId);
+            return;
+        }
+
+        await using var held = lease;
+        using var work = lease.Link(cancellationToken);
+        cancellationToken = work.Token;
+        PreparedManifest manifest;
+        ValidationReport report;
+        if (await commit.ReadAsync(plan.DatasetId, plan.PreparedId, cancellationToken) is { } existing)
+        {
+            (manifest, report) = existing;
+        }
+        else
+        {
+            var clock = Stopwatch.StartNew();
+            var (dataset, recipe, tokenizer) = await LoadAsync(plan, cancellationToken);
+            var outcomes = new List<PartitionOutcome>();
+            var kept = new List<Stream>();
+            try
+            {
+                for (var p = 0; p < plan.Partitions; p++)
+                {
+                    outcomes.Add(await BlobJson.ReadAsync(files.Done(p), PreprocessJson.Default.PartitionOutcome, cancellationToken)
+                        ?? throw new InvalidOperationException($"Partition {p} of {plan.PreparedId} has no done marker."));
+                    kept.Add((await files.Kept(p).DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content);
+                }
+
+                var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
+                var build = await builder.AssembleAsync(kept, outcomes, dataset, ShardSink.Blobs(files.Container, options.UploadBlockBytes), files.Folder, cancellationToken);
+                (manifest, report) = await commit.WriteAsync(plan.RunId, dataset, recipe, tokenizer, plan.PreparedId, build, DateTimeOffset.UtcNow - plan.CreatedAt, cancellationToken);
+            }
+            finally
+            {
+                foreach (var stream in kept)
+                {
+                    await stream.DisposeAsync();
+                }
+            }
+
+            logger.LogInformation("Prepared {PreparedId} assembled from {Partitions} partitions in {Ms} ms", plan.PreparedId, plan.Partitions, clock.ElapsedMilliseconds);
+        }
+
+        await commit.FinishRunAsync(plan.Request, plan.RunId, manifest, report, DateTimeOffset.UtcNow - plan.CreatedAt, cancellationToken);
+    }
+}
