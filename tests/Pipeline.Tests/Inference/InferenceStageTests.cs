@@ -361,8 +361,11 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         var retried = (await pipeline.Runs.GetAsync(retryRun))!;
         Assert.Equal(RunStatus.Succeeded, retried.Status);
         Assert.Equal(first.Failed, retried.GetCounts()["inferenceRows"]);
-        var merged = await ManifestAsync(pipeline, run);
+        // The original run now names the batch's new version; the version it supersedes is as it was.
+        var merged = await ManifestAsync(pipeline, (await pipeline.Runs.GetAsync(runId))!);
         Assert.Equal((BatchStatus.Completed, 40L, 0L), (merged.Status, merged.Succeeded, merged.Failed));
+        Assert.Equal((2, 1), (merged.Version, merged.Supersedes));
+        Assert.Equal(JsonSerializer.Serialize(first, InferenceJson.Default.InferenceManifest), JsonSerializer.Serialize(await ManifestAsync(pipeline, run), InferenceJson.Default.InferenceManifest));
         Assert.Single(merged.Retries);
         var results = await LinesAsync(pipeline, merged.Results);
         Assert.Equal(Enumerable.Range(0, 40).Select(i => (long)i), results.Select(r => r.GetProperty("row").GetInt64()));
