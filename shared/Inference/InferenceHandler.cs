@@ -15,7 +15,7 @@ namespace Pipeline.Inference;
 /// shards as it streams in and fans out one <c>inference-shard</c> message per shard; each shard is scored
 /// and committed on its own (a failed shard is retried alone), and the last one to finish assembles
 /// <c>outputs/&lt;batchId&gt;/</c>. <c>retry-failed</c> rescores only a finished batch's failed rows and
-/// merges them back. See <see cref="BatchFiles"/> for the layout.
+/// commits them, with every earlier result, as the batch's next version (committed files are never rewritten). See <see cref="BatchFiles"/> for the layout.
 /// </summary>
 public sealed class InferenceHandler
 {

@@ -18,8 +18,12 @@ namespace Pipeline.Tests.Inference;
 /// every reader takes the newest, and two retries of one batch at the same moment write one version.
 /// Real handlers, ONNX Runtime and tokenizers on Azurite; the CLI as its own process.
 /// </summary>
-public sealed class BatchVersionTests(Azurite azurite) : IClassFixture<Azurite>
+public sealed class BatchVersionTests(Azurite azurite) : IClassFixture<Azurite>, IAsyncLifetime
 {
+    public async Task InitializeAsync() => await azurite.Storage.Queue(StorageNames.Queues.InferenceShard).ClearMessagesAsync();
+
+    public Task DisposeAsync() => Task.CompletedTask;
+
     // model.json says 64 tokens, but the graph has only 12 positions: longer rows fail in the model until it is registered again with 12.
     private static readonly EncoderShape Short = new(30522, 16, 1, 2, 32, 12);
 
@@ -180,6 +184,7 @@ public sealed class BatchVersionTests(Azurite azurite) : IClassFixture<Azurite>
         foreach (var message in messages)
         {
             await pipeline.StageMessages.InferenceShardAsync(message.Body.ToString(), 2, CancellationToken.None);
+            await queue.DeleteMessageAsync(message.MessageId, message.PopReceipt);
         }
 
         foreach (var (busyRun, _) in outcomes.Where(o => o.Busy))
