@@ -42,7 +42,7 @@ public static class InferCommand
         var rowsPerShard = new Option<int?>("--rows-per-shard") { Description = $"Rows per shard; each shard is one message any instance can take (default {InferenceOptions.DefaultRowsPerShard:N0})." };
         var textField = new Option<string?>("--text-field") { Description = "The text field or column (default: text, sentence, content, ...)." };
         var normalize = new Option<bool>("--normalize") { Description = "Embedding models: L2-normalize each vector." };
-        var retryFailed = new Option<string?>("--retry-failed") { Description = "Rescore only the failed rows of this finished batch (bt-...) and merge them into its results." };
+        var retryFailed = new Option<string?>("--retry-failed") { Description = "Rescore only the failed rows of this finished batch (bt-...); the batch gets a new version (outputs/<batchId>/versions/NNNNN/) with every earlier result and the new ones." };
         var wait = new Option<bool>("--wait") { Description = "Follow the run (rows done, rows/s, ETA) until it ends and print its summary." };
         var timeout = new Option<int>("--timeout") { Description = "With --wait: seconds to wait before giving up (exit code 4).", DefaultValueFactory = _ => 1800 };
         var command = new Command("infer", "Score a file with a registered model: results.jsonl in input order, errors.jsonl, manifest.json under outputs/<batchId>/.")

@@ -219,15 +219,16 @@ public static class LocalCommands
         string? modelId = null;
         if (id.StartsWith("bt-", StringComparison.Ordinal))
         {
-            var batch = await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Outputs).GetBlobClient($"{id}/manifest.json"), Pipeline.Inference.InferenceJson.Default.InferenceManifest, cancellationToken);
-            if (batch is null)
+            // The batch's newest committed version (a retry-failed merged in writes the next one).
+            if (await new Pipeline.Inference.BatchFiles(storage, id).NewestAsync(cancellationToken) is not (var batch, var files))
             {
                 return null;
             }
 
             chain["batch"] = new JsonObject
             {
-                ["manifest"] = $"{StorageNames.Containers.Outputs}/{id}/manifest.json",
+                ["manifest"] = files.PathOf(files.Manifest),
+                ["version"] = batch.Version,
                 ["status"] = batch.Status,
                 ["input"] = batch.Input,
                 ["rows"] = batch.Rows,

@@ -145,7 +145,7 @@ public static class MoreCommands
 
     public static Command Batches()
     {
-        var command = new Command("batches", "List finished inference batches (every outputs/<batchId>/manifest.json), newest first, with their throughput.");
+        var command = new Command("batches", "List finished inference batches (the newest committed version of each outputs/<batchId>/), newest first, with their throughput.");
         command.SetAction(async (parse, ct) =>
         {
             var batches = await Pipeline.Inference.BatchCatalog.ListAsync(CliOptions.Storage(parse), ct);

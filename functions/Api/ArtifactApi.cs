@@ -191,8 +191,8 @@ public static class ArtifactApi
     /// <summary>Queues the <c>retry-failed</c> command of a batch (its failed rows scored again and merged) as a new run.</summary>
     public static async Task<IResult> RetryFailedAsync(StorageClients storage, RunStore runs, QueueSender sender, string batchId, CancellationToken ct)
     {
-        var manifest = await BlobJson.ReadAsync(storage.Container(StorageNames.Containers.Outputs).GetBlobClient($"{batchId}/manifest.json"), InferenceJson.Default.InferenceManifest, ct);
-        if (manifest is null)
+        // The batch's newest committed version: the rows still failed are those of the last retry merged in.
+        if (await new BatchFiles(storage, batchId).NewestAsync(ct) is not (var manifest, _))
         {
             return PipelineApi.Problem(404, "batch-not-found", "No such batch", $"There is no finished batch '{batchId}'. List batches with GET /api/batches.");
         }

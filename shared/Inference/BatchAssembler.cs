@@ -8,7 +8,7 @@ namespace Pipeline.Inference;
 
 /// <summary>
 /// Reports a batch's progress from its done markers and, once every shard is done, assembles
-/// <c>outputs/&lt;batchId&gt;/</c> (a retry is merged back into the batch it retried) and ends the run.
+/// <c>outputs/&lt;batchId&gt;/</c> (a retry is merged back as a new version of the batch it retried) and ends the run.
 /// </summary>
 internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunTransitions transitions, ModelSessions models, BatchRetry retry, ILogger logger)
 {
@@ -74,35 +74,46 @@ internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunT
             return;
         }
 
-        // A retry's own manifest is its commit, so it is written only once its rows are merged back.
-        var manifest = await AssembleAsync(files, plan, [], write: plan.RetryOf is null, cancellationToken);
+        // A retry's own manifest is its commit, so it is written only once its rows are merged back (as a new version of the batch it retried).
+        var manifest = await AssembleAsync(files, plan, null, [], cancellationToken);
         if (plan.RetryOf is { } original)
         {
             await retry.MergeAsync(new BatchFiles(storage, original), files, this, cancellationToken);
-            await BlobJson.WriteAsync(files.Manifest, manifest, InferenceJson.Default.InferenceManifest, cancellationToken);
+        }
+
+        if (!await BlobJson.WriteOnceAsync(files.Manifest, manifest, InferenceJson.Default.InferenceManifest, cancellationToken))
+        {
+            // Committed by a holder whose lease this one took over: the committed manifest stands.
+            logger.LogWarning("Batch {BatchId} was committed by another instance; its manifest is kept", files.BatchId);
+            manifest = (await BlobJson.ReadAsync(files.Manifest, InferenceJson.Default.InferenceManifest, cancellationToken))!;
         }
 
         await FinishRunAsync(plan.RunId, files, manifest, cancellationToken);
     }
 
-    public async Task<InferenceManifest> AssembleAsync(BatchFiles files, BatchPlan plan, List<string> retries, bool write, CancellationToken cancellationToken)
+    /// <summary>
+    /// Concatenates the shards' files into <paramref name="files"/>' version (each shard taken from the version
+    /// <paramref name="shardVersions"/> names, version 1 when it names none) and returns its manifest, not yet written.
+    /// </summary>
+    public async Task<InferenceManifest> AssembleAsync(BatchFiles files, BatchPlan plan, Dictionary<int, int>? shardVersions, List<string> retries, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
         var outcomes = new List<ShardOutcome>();
         foreach (var shard in plan.Shards)
         {
-            outcomes.Add(await BlobJson.ReadAsync(files.Done(shard.Shard), InferenceJson.Default.ShardOutcome, cancellationToken)
+            outcomes.Add(await BlobJson.ReadAsync(files.OfShard(shard.Shard, shardVersions).Done(shard.Shard), InferenceJson.Default.ShardOutcome, cancellationToken)
                 ?? throw new InvalidOperationException($"Shard {shard.Shard} of {files.BatchId} has no done marker."));
         }
 
         var indexes = plan.Shards.Select(s => s.Shard).ToList();
-        await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardResults), files.Results, cancellationToken);
-        await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardErrors), files.Errors, cancellationToken);
-        await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardLedger), files.Ledger, cancellationToken);
+        IEnumerable<Azure.Storage.Blobs.BlobClient> Parts(Func<BatchFiles, int, Azure.Storage.Blobs.BlobClient> file) => indexes.Select(i => file(files.OfShard(i, shardVersions), i));
+        await BatchFiles.ConcatenateAsync(Parts((f, i) => f.ShardResults(i)), files.Results, cancellationToken);
+        await BatchFiles.ConcatenateAsync(Parts((f, i) => f.ShardErrors(i)), files.Errors, cancellationToken);
+        await BatchFiles.ConcatenateAsync(Parts((f, i) => f.ShardLedger(i)), files.Ledger, cancellationToken);
         if (plan.OpenAiRequests is not null)
         {
-            await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardOpenAiOutput), files.OpenAiOutput, cancellationToken);
-            await BatchFiles.ConcatenateAsync(indexes.Select(files.ShardOpenAiErrors), files.OpenAiErrors, cancellationToken);
+            await BatchFiles.ConcatenateAsync(Parts((f, i) => f.ShardOpenAiOutput(i)), files.OpenAiOutput, cancellationToken);
+            await BatchFiles.ConcatenateAsync(Parts((f, i) => f.ShardOpenAiErrors(i)), files.OpenAiErrors, cancellationToken);
         }
 
         var model = await models.GetAsync(plan.ModelId, cancellationToken);
@@ -120,6 +131,8 @@ internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunT
         var manifest = new InferenceManifest
         {
             BatchId = files.BatchId,
+            Version = files.Version,
+            ShardVersions = shardVersions,
             RunId = plan.RunId,
             Status = failed > 0 ? BatchStatus.CompletedWithFailures : BatchStatus.Completed,
             ModelId = plan.ModelId,
@@ -157,12 +170,7 @@ internal sealed class BatchAssembler(StorageClients storage, RunStore runs, RunT
             StartedAt = plan.CreatedAt,
             CreatedAt = DateTimeOffset.UtcNow,
         };
-        if (write)
-        {
-            await BlobJson.WriteAsync(files.Manifest, manifest, InferenceJson.Default.InferenceManifest, cancellationToken);
-        }
-
-        logger.LogInformation("Batch {BatchId} assembled: {Rows} rows, {Failed} failed, {RowsPerSecond} rows/s", files.BatchId, rows, failed, manifest.RowsPerSecond);
+        logger.LogInformation("Batch {BatchId} version {Version} assembled: {Rows} rows, {Failed} failed, {RowsPerSecond} rows/s", files.BatchId, files.Version, rows, failed, manifest.RowsPerSecond);
         return manifest;
     }
 

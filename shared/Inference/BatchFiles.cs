@@ -15,37 +15,88 @@ namespace Pipeline.Inference;
 /// <c>done/NNNNN.json</c> (a shard's commit), <c>plan.json</c> (once the input is split), and the
 /// assembled <c>results.jsonl</c>, <c>errors.jsonl</c>, <c>ledger.jsonl</c> (and, for an input in OpenAI's batch
 /// format, <c>openai/output.jsonl</c> and <c>openai/errors.jsonl</c>) with <c>manifest.json</c> last.
+/// That is version 1 of the batch. Committed files are never rewritten: a <c>retry-failed</c> merged into the
+/// batch writes its next version under <c>versions/NNNNN/</c> (the shards it changed, their done markers, the
+/// assembled files and a manifest naming the version it supersedes), and readers take the newest committed
+/// version (<see cref="NewestAsync"/>). The input (<c>batch.json</c>, <c>plan.json</c>, shard inputs) is the batch's, not a version's.
 /// </summary>
-public sealed class BatchFiles(StorageClients storage, string batchId)
+public sealed class BatchFiles(StorageClients storage, string batchId, int version = 1)
 {
     public const string RowsMetadata = "rows";
     public const string FailedMetadata = "failed";
+
+    private const string VersionsFolder = "versions/";
 
     public BlobContainerClient Container { get; } = storage.Container(StorageNames.Containers.Outputs);
     public string BatchId { get; } = batchId;
     public string Prefix => $"{BatchId}/";
 
+    /// <summary>The version of the batch whose outputs these are: 1 in the batch's folder itself, later ones under <c>versions/NNNNN/</c>.</summary>
+    public int Version { get; } = version >= 1 ? version : throw new ArgumentOutOfRangeException(nameof(version), version, "Batch versions start at 1.");
+
+    /// <summary>The folder of this version's outputs.</summary>
+    public string VersionPrefix => Version == 1 ? Prefix : $"{Prefix}{VersionsFolder}{Version:D5}/";
+
     public BlobClient Batch => Blob("batch.json");
     public BlobClient Plan => Blob("plan.json");
-    public BlobClient Manifest => Blob("manifest.json");
-    public BlobClient Results => Blob("results.jsonl");
-    public BlobClient Errors => Blob("errors.jsonl");
-    public BlobClient Ledger => Blob("ledger.jsonl");
+    public BlobClient Manifest => Output("manifest.json");
+    public BlobClient Results => Output("results.jsonl");
+    public BlobClient Errors => Output("errors.jsonl");
+    public BlobClient Ledger => Output("ledger.jsonl");
     /// <summary>OpenAI's batch output and error files, for an input in that format.</summary>
-    public BlobClient OpenAiOutput => Blob("openai/output.jsonl");
-    public BlobClient OpenAiErrors => Blob("openai/errors.jsonl");
+    public BlobClient OpenAiOutput => Output("openai/output.jsonl");
+    public BlobClient OpenAiErrors => Output("openai/errors.jsonl");
 
     public BlobClient ShardInput(int shard) => Blob($"shards/{shard:D5}/input.jsonl");
-    public BlobClient ShardResults(int shard) => Blob($"shards/{shard:D5}/results.jsonl");
-    public BlobClient ShardErrors(int shard) => Blob($"shards/{shard:D5}/errors.jsonl");
-    public BlobClient ShardLedger(int shard) => Blob($"shards/{shard:D5}/ledger.jsonl");
-    public BlobClient ShardOpenAiOutput(int shard) => Blob($"shards/{shard:D5}/openai-output.jsonl");
-    public BlobClient ShardOpenAiErrors(int shard) => Blob($"shards/{shard:D5}/openai-errors.jsonl");
-    public BlobClient Done(int shard) => Blob($"done/{shard:D5}.json");
+    public BlobClient ShardResults(int shard) => Output($"shards/{shard:D5}/results.jsonl");
+    public BlobClient ShardErrors(int shard) => Output($"shards/{shard:D5}/errors.jsonl");
+    public BlobClient ShardLedger(int shard) => Output($"shards/{shard:D5}/ledger.jsonl");
+    public BlobClient ShardOpenAiOutput(int shard) => Output($"shards/{shard:D5}/openai-output.jsonl");
+    public BlobClient ShardOpenAiErrors(int shard) => Output($"shards/{shard:D5}/openai-errors.jsonl");
+    public BlobClient Done(int shard) => Output($"done/{shard:D5}.json");
 
     public string PathOf(BlobClient blob) => $"{StorageNames.Containers.Outputs}/{blob.Name}";
 
+    /// <summary>The same batch's files at another version.</summary>
+    public BatchFiles AtVersion(int other) => new(storage, BatchId, other);
+
+    /// <summary>The files holding <paramref name="shard"/>'s outputs as of a version whose manifest has <paramref name="shardVersions"/>.</summary>
+    public BatchFiles OfShard(int shard, IReadOnlyDictionary<int, int>? shardVersions) =>
+        AtVersion(shardVersions?.GetValueOrDefault(shard, 1) ?? 1);
+
+    /// <summary>
+    /// The newest committed version of the batch (the highest <c>versions/NNNNN/</c> with a manifest, else the
+    /// batch's own manifest) and its files; null when the batch has not finished (or does not exist).
+    /// </summary>
+    public async Task<(InferenceManifest Manifest, BatchFiles Files)?> NewestAsync(CancellationToken cancellationToken)
+    {
+        var versions = new List<int>();
+        await foreach (var item in Container.GetBlobsByHierarchyAsync(BlobTraits.None, BlobStates.None, "/", Prefix + VersionsFolder, cancellationToken))
+        {
+            if (item.IsPrefix && int.TryParse(item.Prefix.AsSpan(Prefix.Length + VersionsFolder.Length).TrimEnd('/'), out var number) && number > 1)
+            {
+                versions.Add(number);
+            }
+        }
+
+        versions.Sort();
+        versions.Reverse();
+        versions.Add(1);
+        foreach (var number in versions)
+        {
+            var files = AtVersion(number);
+            if (await BlobJson.ReadAsync(files.Manifest, InferenceJson.Default.InferenceManifest, cancellationToken) is { } manifest)
+            {
+                return (manifest, files);
+            }
+        }
+
+        return null;
+    }
+
     private BlobClient Blob(string name) => Container.GetBlobClient(Prefix + name);
+
+    private BlobClient Output(string name) => Container.GetBlobClient(VersionPrefix + name);
 
     /// <summary>Finished shards: index, rows and failed rows, from the done markers' metadata (one listing call).</summary>
     public async Task<List<(int Shard, long Rows, long Failed)>> ListDoneAsync(CancellationToken cancellationToken)
@@ -272,7 +323,7 @@ public sealed class BatchLineWriter
     internal static string LabelName(ModelManifest model, int index) => index < model.Labels.Count ? model.Labels[index] : index.ToString(System.Globalization.CultureInfo.InvariantCulture);
 }
 
-/// <summary>Finished batches: every committed <c>outputs/&lt;batchId&gt;/manifest.json</c>, newest first.</summary>
+/// <summary>Finished batches: the newest committed version of every <c>outputs/&lt;batchId&gt;/</c>, newest first.</summary>
 public static class BatchCatalog
 {
     public static async Task<List<InferenceManifest>> ListAsync(StorageClients storage, CancellationToken cancellationToken)
@@ -281,7 +332,7 @@ public static class BatchCatalog
         var batches = new List<InferenceManifest>();
         await foreach (var item in outputs.GetBlobsByHierarchyAsync(BlobTraits.None, BlobStates.None, "/", "bt-", cancellationToken))
         {
-            if (item.IsPrefix && await BlobJson.ReadAsync(outputs.GetBlobClient(item.Prefix + "manifest.json"), InferenceJson.Default.InferenceManifest, cancellationToken) is { } manifest)
+            if (item.IsPrefix && await new BatchFiles(storage, item.Prefix.TrimEnd('/')).NewestAsync(cancellationToken) is (var manifest, _))
             {
                 batches.Add(manifest);
             }

@@ -22,14 +22,26 @@ internal sealed class BatchSplitter(StorageClients storage, RunStore runs, RunTr
             r.SetArtifact("batch", $"{StorageNames.Containers.Outputs}/{batch.BatchId}/");
             return true;
         }, cancellationToken);
-        if (await BlobJson.ReadAsync(files.Manifest, InferenceJson.Default.InferenceManifest, cancellationToken) is { } manifest)
+        if (await files.NewestAsync(cancellationToken) is (var manifest, var newest))
         {
-            await assembler.FinishRunAsync(runId, files, manifest, cancellationToken);
+            await assembler.FinishRunAsync(runId, newest, manifest, cancellationToken);
             return true;
         }
 
         var plan = await BlobJson.ReadAsync(files.Plan, InferenceJson.Default.BatchPlan, cancellationToken);
-        if (await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken) is { } existing && existing.RunId != runId)
+        var existing = await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken);
+        if (existing is null)
+        {
+            // The batch is claimed once: of two runs asking for it at the same moment, one splits it and the other waits for it.
+            if (await BlobJson.WriteOnceAsync(files.Batch, batch, InferenceJson.Default.BatchPlan, cancellationToken))
+            {
+                return false;
+            }
+
+            existing = await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken);
+        }
+
+        if (existing is not null && existing.RunId != runId)
         {
             if (await runs.GetAsync(existing.RunId, cancellationToken) is { } other && !RunStatus.IsFinal(other.Status))
             {
@@ -60,7 +72,7 @@ internal sealed class BatchSplitter(StorageClients storage, RunStore runs, RunTr
             return true;
         }
 
-        await BlobJson.WriteAsync(files.Batch, batch, InferenceJson.Default.BatchPlan, cancellationToken);
+        // This run's own batch, not fully split yet (an earlier delivery stopped): split it again.
         return false;
     }
 

@@ -75,11 +75,20 @@ public static class BatchStatus
     public const string CompletedWithFailures = "completed_with_failures";
 }
 
-/// <summary><c>outputs/&lt;batchId&gt;/manifest.json</c>: the commit of a batch, written after every output.</summary>
+/// <summary>
+/// <c>outputs/&lt;batchId&gt;/manifest.json</c>: the commit of a batch, written once after every output; and, for each
+/// <c>retry-failed</c> merged into it, <c>outputs/&lt;batchId&gt;/versions/NNNNN/manifest.json</c>, the commit of that version.
+/// </summary>
 public sealed record InferenceManifest
 {
     public int SchemaVersion { get; set; } = 1;
     public required string BatchId { get; init; }
+    /// <summary>The batch's version: 1 when first assembled, one more for each <c>retry-failed</c> merged in. The newest committed version is the batch's result.</summary>
+    public int Version { get; init; } = 1;
+    /// <summary>The version this one supersedes (its files stay as they were committed); null for version 1.</summary>
+    public int? Supersedes { get; init; }
+    /// <summary>From version 2 on: the version whose <c>shards/NNNNN/</c> files and done marker hold each shard changed since version 1.</summary>
+    public Dictionary<int, int>? ShardVersions { get; init; }
     public required string RunId { get; init; }
     /// <summary><see cref="BatchStatus"/>.</summary>
     public required string Status { get; init; }

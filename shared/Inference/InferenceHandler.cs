@@ -15,7 +15,7 @@ namespace Pipeline.Inference;
 /// shards as it streams in and fans out one <c>inference-shard</c> message per shard; each shard is scored
 /// and committed on its own (a failed shard is retried alone), and the last one to finish assembles
 /// <c>outputs/&lt;batchId&gt;/</c>. <c>retry-failed</c> rescores only a finished batch's failed rows and
-/// merges them back. See <see cref="BatchFiles"/> for the layout.
+/// commits them, with every earlier result, as the batch's next version (committed files are never rewritten). See <see cref="BatchFiles"/> for the layout.
 /// </summary>
 public sealed class InferenceHandler
 {
@@ -109,11 +109,20 @@ public sealed class InferenceHandler
         // A conditional read: if the input changes while it is read, the read fails rather than mixing versions.
         var download = await input.DownloadStreamingAsync(new BlobDownloadOptions { Conditions = new BlobRequestConditions { IfMatch = properties.ETag } }, cancellationToken);
         await using var stream = download.Value.Content;
-        await splitter.SplitAsync(batch, InferenceInput.ReadAsync(stream, request.Input, options, cancellationToken), cancellationToken);
+        await splitter.SplitAsync(batch, InferenceInput.ReadAsync(stream, request.Input, options, models.Settings.MaxRowBytes, cancellationToken), cancellationToken);
     }
 
     private async Task StartRetryAsync(RetryFailedCommand command, string runId, CancellationToken cancellationToken)
     {
+        // A redelivery (after this run waited for another run's retry of the same rows) resumes the retry batch it
+        // planned, even once that batch is merged: it is not planned again from the version the merge committed.
+        if ((await runs.GetAsync(runId, cancellationToken))?.GetArtifacts().GetValueOrDefault("batch") is { } planned
+            && await BlobJson.ReadAsync(new BatchFiles(storage, planned[(StorageNames.Containers.Outputs.Length + 1)..].TrimEnd('/')).Batch, InferenceJson.Default.BatchPlan, cancellationToken) is { RetryOf: not null } resumed
+            && await splitter.ResumeAsync(resumed, runId, cancellationToken))
+        {
+            return;
+        }
+
         var (batch, rows) = await retry.PlanAsync(command, runId, cancellationToken);
         if (await splitter.ResumeAsync(batch, runId, cancellationToken))
         {
@@ -138,8 +147,16 @@ public sealed class InferenceHandler
                 return;
             }
 
+            // Under the shard's own lease, so two deliveries of it at once never score it side by side: the second is
+            // busy (put back), and once it holds the lease it finds the first one's commit.
             var part = new StageRun(new RunRecord { RunId = batch.RunId }, Stages.Inference, dequeueCount, logger) { Part = $"Shard {request.Shard} of {batch.BatchId}" };
-            if (!await transitions.RunPartAsync(part, (_, token) => scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, token), cancellationToken))
+            if (!await transitions.RunPartAsync(part, batch.BatchId, $"shard-{request.Shard:D5}", async (_, token) =>
+                {
+                    if (!await files.Done(request.Shard).ExistsAsync(token))
+                    {
+                        await scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, token);
+                    }
+                }, cancellationToken))
             {
                 return;
             }

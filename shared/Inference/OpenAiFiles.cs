@@ -68,7 +68,7 @@ public sealed partial class OpenAiFiles(StorageClients storage)
     /// <summary>The file object, or null when there is no such file.</summary>
     public async Task<OpenAiFile?> GetAsync(string id, CancellationToken cancellationToken)
     {
-        if (BlobOf(id) is not { } blob)
+        if (await BlobOfAsync(id, cancellationToken) is not { } blob)
         {
             return null;
         }
@@ -99,7 +99,7 @@ public sealed partial class OpenAiFiles(StorageClients storage)
     /// <summary>The file's content as a stream, or null when there is no such file.</summary>
     public async Task<Stream?> OpenReadAsync(string id, CancellationToken cancellationToken)
     {
-        if (BlobOf(id) is not { } blob)
+        if (await BlobOfAsync(id, cancellationToken) is not { } blob)
         {
             return null;
         }
@@ -123,14 +123,15 @@ public sealed partial class OpenAiFiles(StorageClients storage)
                 $"{id} is an output of a Pipeline inference batch (outputs/{BatchOf(id)}/), which is kept with its results, ledger and manifest; it is not deleted through the Files API.");
         }
 
-        return BlobOf(id) is { } blob && (await blob.DeleteIfExistsAsync(cancellationToken: cancellationToken)).Value;
+        return await BlobOfAsync(id, cancellationToken) is { } blob && (await blob.DeleteIfExistsAsync(cancellationToken: cancellationToken)).Value;
     }
 
     private static bool IsBatchOutput(string id) => id.StartsWith("file-bt-", StringComparison.Ordinal) && (id.EndsWith(OutputSuffix, StringComparison.Ordinal) || id.EndsWith(ErrorsSuffix, StringComparison.Ordinal));
 
     private static string BatchOf(string id) => id["file-".Length..id.LastIndexOf('-')];
 
-    private BlobClient? BlobOf(string id)
+    /// <summary>An uploaded file's blob; for a batch's output or error file, that of the batch's newest committed version.</summary>
+    private async Task<BlobClient?> BlobOfAsync(string id, CancellationToken cancellationToken)
     {
         if (!FileId().IsMatch(id))
         {
@@ -142,7 +143,11 @@ public sealed partial class OpenAiFiles(StorageClients storage)
             return Outputs.GetBlobClient(FilesPrefix + id);
         }
 
-        var files = new BatchFiles(storage, BatchOf(id));
+        if (await new BatchFiles(storage, BatchOf(id)).NewestAsync(cancellationToken) is not (_, var files))
+        {
+            return null;
+        }
+
         return id.EndsWith(OutputSuffix, StringComparison.Ordinal) ? files.OpenAiOutput : files.OpenAiErrors;
     }
 }

@@ -1,5 +1,6 @@
 using System.Diagnostics;
 using System.Text.Json;
+using Azure;
 using Azure.Storage.Blobs.Models;
 using Microsoft.Extensions.Logging;
 using Pipeline.Models;
@@ -8,7 +9,7 @@ namespace Pipeline.Inference;
 
 /// <summary>
 /// Scores one shard of a batch and commits it: its results, errors and ledger (and OpenAI-format lines)
-/// are written first, its done marker last.
+/// are written first, its done marker last and once (the caller holds the shard's lease).
 /// </summary>
 internal sealed class ShardScorer(ModelSessions models, ILogger logger)
 {
@@ -93,7 +94,13 @@ internal sealed class ShardScorer(ModelSessions models, ILogger logger)
             OpenAiFailed = failedRequests,
             FinishedAt = DateTimeOffset.UtcNow,
         };
-        await WriteDoneAsync(files, outcome, cancellationToken);
+        if (!await WriteDoneAsync(files, outcome, cancellationToken, once: true))
+        {
+            // Only a holder whose shard lease was taken over gets here: the other delivery's commit stands.
+            logger.LogWarning("Shard {Shard} of {BatchId} was committed by another delivery; this one's outcome is dropped", shard, batch.BatchId);
+            return;
+        }
+
         logger.LogInformation("Shard {Shard} of {BatchId}: {Rows} rows ({Failed} failed), {Tokens} tokens, padding {Padding:P1}, model {ModelMs} ms",
             shard, batch.BatchId, rows.Count, outcome.Failed, stats.Tokens, Padding(stats.Tokens, stats.Slots), outcome.InferenceMs);
     }
@@ -107,15 +114,27 @@ internal sealed class ShardScorer(ModelSessions models, ILogger logger)
         return (requests, failed);
     }
 
-    public static Task WriteDoneAsync(BatchFiles files, ShardOutcome outcome, CancellationToken cancellationToken) =>
-        files.Done(outcome.Shard).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(outcome, InferenceJson.Default.ShardOutcome)), new BlobUploadOptions
+    /// <summary>A shard's done marker, its commit: with <paramref name="once"/>, only if none is there yet (false when one was).</summary>
+    public static async Task<bool> WriteDoneAsync(BatchFiles files, ShardOutcome outcome, CancellationToken cancellationToken, bool once = false)
+    {
+        try
         {
-            Metadata = new Dictionary<string, string>
+            await files.Done(outcome.Shard).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(outcome, InferenceJson.Default.ShardOutcome)), new BlobUploadOptions
             {
-                [BatchFiles.RowsMetadata] = outcome.Rows.ToString(System.Globalization.CultureInfo.InvariantCulture),
-                [BatchFiles.FailedMetadata] = outcome.Failed.ToString(System.Globalization.CultureInfo.InvariantCulture),
-            },
-        }, cancellationToken);
+                Metadata = new Dictionary<string, string>
+                {
+                    [BatchFiles.RowsMetadata] = outcome.Rows.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                    [BatchFiles.FailedMetadata] = outcome.Failed.ToString(System.Globalization.CultureInfo.InvariantCulture),
+                },
+                Conditions = once ? new BlobRequestConditions { IfNoneMatch = ETag.All } : null,
+            }, cancellationToken);
+            return true;
+        }
+        catch (RequestFailedException e) when (once && e.Status is 409 or 412)
+        {
+            return false;
+        }
+    }
 
     public static double Padding(long tokens, long slots) => slots == 0 ? 0 : 1 - (double)tokens / slots;
 }

@@ -38,33 +38,50 @@ public sealed class DelimitedRecordParser
     /// </summary>
     public static bool EndsInsideQuotes(ReadOnlySpan<byte> row)
     {
-        var inside = false;
-        var atFieldStart = true;
-        for (var i = 0; i < row.Length; i++)
+        var scan = new QuoteScan();
+        scan.Feed(row);
+        return scan.Inside;
+    }
+
+    /// <summary>
+    /// <see cref="EndsInsideQuotes"/> fed piece by piece (a record read line by line, its line breaks fed too): each
+    /// byte is looked at once, so a record spanning many lines costs its length, not its length squared.
+    /// </summary>
+    public struct QuoteScan()
+    {
+        private bool _inside;
+        private bool _atFieldStart = true;
+        private bool _pendingQuote;
+
+        /// <summary>Whether the bytes fed so far end inside a quoted field (a quote last is taken as closing it).</summary>
+        public readonly bool Inside => _inside && !_pendingQuote;
+
+        public void Feed(ReadOnlySpan<byte> bytes)
         {
-            var b = row[i];
-            if (inside)
+            foreach (var b in bytes)
             {
-                if (b == (byte)'"')
+                if (_pendingQuote)
                 {
-                    if (i + 1 < row.Length && row[i + 1] == (byte)'"')
+                    // A quote inside a field: "" is an escaped quote, anything else means it closed the field.
+                    _pendingQuote = false;
+                    if (b == (byte)'"')
                     {
-                        i++;
+                        continue;
                     }
-                    else
-                    {
-                        inside = false;
-                    }
+
+                    _inside = false;
                 }
 
-                continue;
+                if (_inside)
+                {
+                    _pendingQuote = b == (byte)'"';
+                    continue;
+                }
+
+                _inside = b == (byte)'"' && _atFieldStart;
+                _atFieldStart = b == (byte)',';
             }
-
-            inside = b == (byte)'"' && atFieldStart;
-            atFieldStart = b == (byte)',';
         }
-
-        return inside;
     }
 
     /// <summary>Splits a row into cell strings (for headers and detection).</summary>

@@ -35,6 +35,19 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
     public Task<bool> RunPartAsync(StageRun stage, Func<Stopwatch, CancellationToken, Task> work, CancellationToken cancellationToken) =>
         AttemptAsync(stage, null, work, cancellationToken, cancellationToken);
 
+    /// <summary>
+    /// The same, under a lease of the part's own (<paramref name="holder"/>.<paramref name="part"/>, for example a
+    /// batch's shard): two deliveries of one part never work side by side. The second is busy
+    /// (<see cref="RunBusyException"/>: its message is put back) and, once it holds the lease, finds what the first
+    /// committed; a holder that loses the lease has its work's token cancelled (<see cref="LeaseLostException"/>).
+    /// </summary>
+    public async Task<bool> RunPartAsync(StageRun stage, string holder, string part, Func<Stopwatch, CancellationToken, Task> work, CancellationToken cancellationToken)
+    {
+        await using var lease = await RunLease.AcquireAsync(storage, holder, part, cancellationToken);
+        using var linked = lease.Link(cancellationToken);
+        return await AttemptAsync(stage, lease, work, linked.Token, cancellationToken);
+    }
+
     private async Task<bool> AttemptAsync(StageRun stage, RunLease? lease, Func<Stopwatch, CancellationToken, Task> work, CancellationToken workToken, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();

@@ -37,6 +37,8 @@ public sealed record InferenceSettings
     public int MaxCachedModelMegabytes { get; set; } = 2048;
     /// <summary>A loaded model unused this long leaves the cache. Default 30 minutes.</summary>
     public TimeSpan ModelIdleTimeout { get; set; } = TimeSpan.FromMinutes(30);
+    /// <summary>The longest inference input row (a line, or a CSV record across lines), in UTF-8 bytes; a longer one fails alone (record_too_large). Default 1 MiB.</summary>
+    public int MaxRowBytes { get; set; } = 1 << 20;
 }
 
 /// <summary>

@@ -81,4 +81,36 @@ public sealed class InferenceHostTests(HostFixture fixture)
         var errors = await _pipeline.ReadJsonLinesAsync(StorageNames.Containers.Outputs, run.GetArtifacts()["inferenceErrors"]["outputs/".Length..]);
         Assert.Equal("b", Assert.Single(errors).GetProperty("custom_id").GetString());
     }
+
+    [Fact]
+    public async Task Retry_failed_through_the_api_writes_a_new_version_that_the_api_then_serves()
+    {
+        var host = await fixture.HostAsync();
+        var http = await fixture.HttpAsync();
+        var modelId = $"short-{Guid.NewGuid():n}"[..16];
+        // model.json says 64 tokens, the graph has 12 positions: long rows fail until it is registered again with 12.
+        var shape = new EncoderShape(30522, 16, 1, 2, 32, 12);
+        await InferenceStageTests.ClassifierAsync(_pipeline.Storage, modelId, maxSequenceLength: 64, shape: shape);
+        var input = await UploadAsync(StorageNames.Containers.Incoming, $"{modelId}.jsonl", Encoding.UTF8.GetBytes(InferenceStageTests.Jsonl(InferenceStageTests.Sentences.Take(20))));
+        var runId = $"run-{modelId}";
+        await _pipeline.Storage.Queue(StorageNames.Queues.Commands).SendMessageAsync(
+            Envelope(MessageTypes.Infer, runId, new InferenceRequest(modelId, input, new InferenceOptions { RowsPerShard = 5 }), InferenceJson.Default.InferenceRequest));
+        var first = await FinishedAsync(runId, host);
+        Assert.Equal(RunStatus.CompletedWithFailures, first.Status);
+        var batchId = first.GetArtifacts()["batch"].Split('/')[1];
+        await InferenceStageTests.ClassifierAsync(_pipeline.Storage, modelId, maxSequenceLength: 12, shape: shape);
+
+        var accepted = await http.PostAsync($"/api/batches/{batchId}/retry-failed", null);
+        Assert.Equal(System.Net.HttpStatusCode.Accepted, accepted.StatusCode);
+        var retryRun = JsonDocument.Parse(await accepted.Content.ReadAsStringAsync()).RootElement.GetProperty("runId").GetString()!;
+        Assert.Equal(RunStatus.Succeeded, (await FinishedAsync(retryRun, host)).Status);
+
+        // GET /api/batches serves the new version; the batch's run names it; a second retry finds nothing left to retry.
+        var listed = JsonDocument.Parse(await http.GetStringAsync("/api/batches")).RootElement.EnumerateArray().Single(b => b.GetProperty("batchId").GetString() == batchId);
+        Assert.Equal((2, 1, 0), (listed.GetProperty("version").GetInt32(), listed.GetProperty("supersedes").GetInt32(), listed.GetProperty("failed").GetInt32()));
+        Assert.Equal($"outputs/{batchId}/versions/00002/results.jsonl", (await _pipeline.Runs.GetAsync(runId))!.GetArtifacts()["results"]);
+        Assert.Equal(System.Net.HttpStatusCode.Conflict, (await http.PostAsync($"/api/batches/{batchId}/retry-failed", null)).StatusCode);
+        var v1 = await BlobJson.ReadAsync(_pipeline.Storage.Container(StorageNames.Containers.Outputs).GetBlobClient($"{batchId}/manifest.json"), InferenceJson.Default.InferenceManifest, CancellationToken.None);
+        Assert.Equal((1, first.GetCounts()["inferenceRowsFailed"]), (v1!.Version, v1.Failed));
+    }
 }

@@ -17,8 +17,13 @@ namespace Pipeline.Tests.Inference;
 /// The batch inference stage with its real handlers, real ONNX Runtime sessions and real tokenizers on
 /// Azurite; shard messages are delivered by the test, so redeliveries and failures happen on cue.
 /// </summary>
-public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite>
+public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite>, IAsyncLifetime
 {
+    /// <summary>Each test starts with no shard message of an earlier one left in the class's queue (one that failed midway leaves some).</summary>
+    public async Task InitializeAsync() => await azurite.Storage.Queue(StorageNames.Queues.InferenceShard).ClearMessagesAsync();
+
+    public Task DisposeAsync() => Task.CompletedTask;
+
     private static readonly EncoderShape Tiny = new(30522, 16, 1, 2, 32, 64);
 
     private static byte[] Vocabulary => File.ReadAllBytes(RepoPaths.RequireSharedData("tokenizers/bert-base-uncased/vocab.txt"));
@@ -58,17 +63,26 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         return runId;
     }
 
-    /// <summary>Delivers every queued inference-shard message once (as the host would); returns how many failed.</summary>
+    /// <summary>
+    /// Delivers every queued inference-shard message once (as the host would), those queued while it runs too;
+    /// returns how many failed. A failed message is visible again when this returns (not before: each message is
+    /// delivered once per call, however long the others take), for the next call to deliver.
+    /// </summary>
     public static async Task<int> DeliverShardsAsync(TestPipeline pipeline)
     {
         var queue = pipeline.Storage.Queue(StorageNames.Queues.InferenceShard);
-        var failures = 0;
+        var failed = new List<(string Id, string PopReceipt)>();
         while (true)
         {
-            var messages = (await queue.ReceiveMessagesAsync(32, TimeSpan.FromSeconds(1))).Value;
+            var messages = (await queue.ReceiveMessagesAsync(32, TimeSpan.FromMinutes(5))).Value;
             if (messages.Length == 0)
             {
-                return failures;
+                foreach (var (id, popReceipt) in failed)
+                {
+                    await queue.UpdateMessageAsync(id, popReceipt, visibilityTimeout: TimeSpan.Zero);
+                }
+
+                return failed.Count;
             }
 
             foreach (var message in messages)
@@ -80,7 +94,7 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
                 }
                 catch (Exception) when (message.DequeueCount < 5)
                 {
-                    failures++;
+                    failed.Add((message.MessageId, message.PopReceipt));
                 }
             }
         }
@@ -313,7 +327,6 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         Assert.Equal(20, waiting.GetCounts()["inferenceRowsDone"]);
 
         await lease.ReleaseAsync();
-        await Task.Delay(TimeSpan.FromSeconds(1.2));
         Assert.Equal(0, await DeliverShardsAsync(pipeline));
 
         var run = (await pipeline.Runs.GetAsync(runId))!;
@@ -361,8 +374,11 @@ public sealed class InferenceStageTests(Azurite azurite) : IClassFixture<Azurite
         var retried = (await pipeline.Runs.GetAsync(retryRun))!;
         Assert.Equal(RunStatus.Succeeded, retried.Status);
         Assert.Equal(first.Failed, retried.GetCounts()["inferenceRows"]);
-        var merged = await ManifestAsync(pipeline, run);
+        // The original run now names the batch's new version; the version it supersedes is as it was.
+        var merged = await ManifestAsync(pipeline, (await pipeline.Runs.GetAsync(runId))!);
         Assert.Equal((BatchStatus.Completed, 40L, 0L), (merged.Status, merged.Succeeded, merged.Failed));
+        Assert.Equal((2, 1), (merged.Version, merged.Supersedes));
+        Assert.Equal(JsonSerializer.Serialize(first, InferenceJson.Default.InferenceManifest), JsonSerializer.Serialize(await ManifestAsync(pipeline, run), InferenceJson.Default.InferenceManifest));
         Assert.Single(merged.Retries);
         var results = await LinesAsync(pipeline, merged.Results);
         Assert.Equal(Enumerable.Range(0, 40).Select(i => (long)i), results.Select(r => r.GetProperty("row").GetInt64()));

@@ -3,6 +3,7 @@ using System.Text.Json;
 using Azure.Storage.Blobs.Models;
 using Microsoft.Extensions.Configuration;
 using Microsoft.Extensions.DependencyInjection;
+using Microsoft.Extensions.Logging;
 using Pipeline.Hosting;
 using Pipeline.Ingestion;
 using Pipeline.LocalHost.Triggers;
@@ -17,13 +18,19 @@ public sealed class TestPipeline : IDisposable
 {
     private readonly ServiceProvider _services;
 
-    public TestPipeline(Azurite azurite, Action<IngestionOptions>? configure = null, IDictionary<string, string?>? settings = null)
+    public TestPipeline(Azurite azurite, Action<IngestionOptions>? configure = null, IDictionary<string, string?>? settings = null, ILoggerProvider? logs = null)
     {
         var configuration = new ConfigurationBuilder()
             .AddInMemoryCollection(new Dictionary<string, string?> { [StorageClients.ConnectionSetting] = azurite.ConnectionString })
             .AddInMemoryCollection(settings ?? new Dictionary<string, string?>())
             .Build();
-        var services = new ServiceCollection().AddLogging();
+        var services = new ServiceCollection().AddLogging(logging =>
+        {
+            if (logs is not null)
+            {
+                logging.AddProvider(logs);
+            }
+        });
         services.AddPipeline(configuration);
         if (configure is not null)
         {
