@@ -81,6 +81,8 @@ public sealed class DatasetIngestor
         var jsonl = detected.Format == DataFormats.Jsonl ? new JsonlRecordParser(detected.RecordKind, settings.TextField, settings.LabelField) : null;
         var delimited = detected.Format is DataFormats.Csv or DataFormats.Tsv ? new DelimitedRecordParser(detected.Format, detected.Columns!) : null;
         var pending = new ArrayBufferWriter<byte>(4096);
+        // The quote state of the pending CSV record, fed one line at a time: a record across many lines costs its length.
+        var quotes = new DelimitedRecordParser.QuoteScan();
         long pendingLine = 0;
         var skipHeader = detected.HasHeader == true;
 
@@ -110,13 +112,15 @@ public sealed class DatasetIngestor
                 // A CSV record continued from earlier lines (a quoted field with line breaks).
                 pending.Write("\n"u8);
                 pending.Write(line);
+                quotes.Feed("\n"u8);
+                quotes.Feed(line);
                 if (pending.WrittenCount > settings.MaxRecordBytes)
                 {
                     pending.Clear();
                     state.Read++;
                     await state.InvalidAsync(new RecordError(pendingLine, RecordErrorCodes.UnterminatedQuote, $"a quoted field is never closed within {settings.MaxRecordBytes} bytes"), cancellationToken);
                 }
-                else if (!DelimitedRecordParser.EndsInsideQuotes(pending.WrittenSpan))
+                else if (!quotes.Inside)
                 {
                     state.Read++;
                     await state.RecordAsync(delimited!.Parse(pending.WrittenSpan, pendingLine, state.Writer), pendingLine, cancellationToken);
@@ -137,7 +141,7 @@ public sealed class DatasetIngestor
                 state.Read++;
                 await state.RecordAsync(jsonl.Parse(line, reader.LineNumber, state.Writer), reader.LineNumber, cancellationToken);
             }
-            else if (detected.Format == DataFormats.Csv && DelimitedRecordParser.EndsInsideQuotes(line))
+            else if (detected.Format == DataFormats.Csv && StartsRecordInsideQuotes(ref quotes, line))
             {
                 pending.Write(line);
                 pendingLine = reader.LineNumber;
@@ -178,6 +182,14 @@ public sealed class DatasetIngestor
             state.DuplicatesExact,
             sha256,
             [.. state.FirstErrors]);
+    }
+
+    /// <summary>Whether <paramref name="line"/> ends inside a quoted field; <paramref name="quotes"/> then holds its state for the lines that follow.</summary>
+    private static bool StartsRecordInsideQuotes(ref DelimitedRecordParser.QuoteScan quotes, ReadOnlySpan<byte> line)
+    {
+        quotes = new DelimitedRecordParser.QuoteScan();
+        quotes.Feed(line);
+        return quotes.Inside;
     }
 
     private static ValueTask DocumentLineAsync(State state, ArrayBufferWriter<byte> paragraph, ReadOnlySpan<byte> line, long lineNumber, ref long paragraphLine, CancellationToken cancellationToken)

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Text;
 using Pipeline.Inference;
 using Pipeline.Ingestion;
@@ -9,8 +8,12 @@ namespace Pipeline.Tests.Inference;
 /// Inference input reading: the format told by ingestion's detector, rows past the size limit failing alone,
 /// long CSV records costing their length, memory bounded however long a line is.
 /// </summary>
+[Collection(Collection)]
 public sealed class InferenceInputTests
 {
+    /// <summary>Runs alone: one test counts the process's allocations.</summary>
+    public const string Collection = "Allocation-counting tests (not run in parallel)";
+
     private static async Task<List<ShardInputRow>> ReadAsync(Stream stream, string name, int maxRowBytes, InferenceOptions? options = null)
     {
         var rows = new List<ShardInputRow>();
@@ -44,6 +47,7 @@ public sealed class InferenceInputTests
     {
         // 300 million bytes on one line, streamed: never in memory at once.
         using var stream = new GeneratedStream(Encoding.UTF8.GetBytes("first row\n"), (byte)'a', 300_000_000, Encoding.UTF8.GetBytes("\nlast row\n"));
+        // The process's allocations: this class runs alone (its collection is not parallel), so they are the reader's.
         var before = GC.GetTotalAllocatedBytes(precise: true);
 
         var rows = await ReadAsync(stream, "big.txt", InferenceInput.MaxRowBytes);
@@ -57,16 +61,15 @@ public sealed class InferenceInputTests
     }
 
     [Fact]
-    public async Task A_csv_record_spanning_forty_thousand_lines_is_read_in_linear_time()
+    public async Task A_csv_record_spanning_forty_thousand_lines_is_read_whole()
     {
+        // Each line's quote state is carried to the next (QuoteScan), so this costs the record's length; re-scanning
+        // the record from its start on each of its lines (as before) took minutes. Speed is left to the benchmarks.
         var cell = string.Join('\n', Enumerable.Range(0, 40_000).Select(i => $"line {i:D5} of a very long quoted cell, \"\"quoted\"\" words"));
         var input = $"id,text\n1,\"{cell}\"\n2,short\n";
-        var clock = Stopwatch.StartNew();
 
         var rows = await ReadAsync(Utf8(input), "long.csv", 8 << 20);
 
-        // Re-scanning the record from its start on each of its lines (as before) takes minutes here.
-        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(10), $"{clock.Elapsed.TotalSeconds:N1} s");
         Assert.Equal(["1", "2"], rows.Select(r => r.CustomId));
         Assert.Equal(cell.Replace("\"\"", "\"", StringComparison.Ordinal), rows[0].Text);
         Assert.Equal(2, rows[0].Line);
@@ -195,3 +198,6 @@ public sealed class InferenceInputTests
         public override void Write(byte[] buffer, int offset, int length) => throw new NotSupportedException();
     }
 }
+
+[CollectionDefinition(InferenceInputTests.Collection, DisableParallelization = true)]
+public sealed class AllocationCountingCollection;

@@ -94,6 +94,20 @@ public sealed class DatasetIngestorTests
     }
 
     [Fact]
+    public async Task A_csv_record_across_thousands_of_lines_with_escaped_quotes_is_one_record()
+    {
+        // The quote state is carried from line to line (a line ending in an escaped quote, one starting with a
+        // closing quote), so the record costs its length; it used to be re-scanned from its start on every line.
+        var cell = string.Join('\n', Enumerable.Range(0, 20_000).Select(i => i % 3 == 0 ? $"line {i} ends \"\"" : $"\"\"line {i}\"\" starts"));
+        var outcome = await RunAsync("long.csv", $"id,text,label\n1,\"{cell}\",pos\n2,short,neg\n", Options.Resolve(null) with { MaxRecordBytes = 8 << 20 });
+
+        Assert.Equal((2L, 0L), (outcome.Result.Counts.Valid, outcome.Result.Counts.Invalid));
+        Assert.Equal(cell.Replace("\"\"", "\"", StringComparison.Ordinal), outcome.Records[0].GetProperty("text").GetString());
+        Assert.Equal(("pos", 2L), (outcome.Records[0].GetProperty("label").GetString(), outcome.Records[0].GetProperty("line").GetInt64()));
+        Assert.Equal(20_002L, outcome.Records[1].GetProperty("line").GetInt64());
+    }
+
+    [Fact]
     public async Task Headerless_tsv_finds_the_label_column()
     {
         var lines = string.Concat(Enumerable.Range(0, 50).Select(i => $"Sentence number {i} is here.\t{i % 2}\n"));
