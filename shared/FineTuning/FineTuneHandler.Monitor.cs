@@ -79,9 +79,23 @@ public sealed partial class FineTuneHandler
         while (true)
         {
             var (current, etag) = await ReadSubmissionAsync(files, cancellationToken);
-            if (current is null || current.Outcome is not null)
+            if (current is null)
             {
                 return true;
+            }
+
+            if (current.Outcome is not null)
+            {
+                if (current.Outcome != code)
+                {
+                    // The job ended on its own (its runs have their outcome and may have moved on): nothing to stop or fail.
+                    logger.LogInformation("Poisoned monitor tick {Tick} of job {JobId} came after the job ended ({Outcome}); nothing is stopped", request.Tick, job.JobId, current.Outcome);
+                    return false;
+                }
+
+                // This poison's stop was saved before (a retry of the poison handler): finish failing the job's runs.
+                submission = current;
+                break;
             }
 
             if (current.Tick > request.Tick)

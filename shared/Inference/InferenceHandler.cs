@@ -139,32 +139,19 @@ public sealed class InferenceHandler
         var batch = await BlobJson.ReadAsync(files.Batch, InferenceJson.Default.BatchPlan, cancellationToken)
             ?? throw new InvalidMessageException($"The inference-shard message names batch {request.BatchId}, which has no batch.json.");
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = batch.RunId, ["BatchId"] = batch.BatchId, ["Shard"] = request.Shard });
-        if (!await files.Done(request.Shard).ExistsAsync(cancellationToken))
+        // Under the shard's own lease, so two deliveries of it at once never score it side by side: the second is
+        // busy (put back), and once it holds the lease it finds the first one's commit.
+        var part = new StageRun(new RunRecord { RunId = batch.RunId }, Stages.Inference, dequeueCount, logger) { Part = $"Shard {request.Shard} of {batch.BatchId}" };
+        switch (await transitions.RunPartOnceAsync(part, batch.BatchId, $"shard-{request.Shard:D5}", files.Done(request.Shard),
+            (_, token) => scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, token), cancellationToken))
         {
-            if ((await runs.GetAsync(batch.RunId, cancellationToken))?.Status is RunStatus.Cancelled or RunStatus.Failed)
-            {
-                logger.LogInformation("Run {RunId} has ended; shard {Shard} is not scored", batch.RunId, request.Shard);
+            case PartOutcome.Stopped:
                 return;
-            }
-
-            // Under the shard's own lease, so two deliveries of it at once never score it side by side: the second is
-            // busy (put back), and once it holds the lease it finds the first one's commit.
-            var part = new StageRun(new RunRecord { RunId = batch.RunId }, Stages.Inference, dequeueCount, logger) { Part = $"Shard {request.Shard} of {batch.BatchId}" };
-            if (!await transitions.RunPartAsync(part, batch.BatchId, $"shard-{request.Shard:D5}", async (_, token) =>
-                {
-                    if (!await files.Done(request.Shard).ExistsAsync(token))
-                    {
-                        await scorer.ScoreAsync(files, batch, request.Shard, dequeueCount, token);
-                    }
-                }, cancellationToken))
-            {
+            case PartOutcome.Done:
+                // The progress report has just read the plan and the done markers: assembly decides from the same.
+                var (plan, doneShards) = await assembler.ReportProgressAsync(files, batch, cancellationToken);
+                await assembler.AssembleIfCompleteAsync(files, plan, doneShards, cancellationToken);
                 return;
-            }
-
-            // The progress report has just read the plan and the done markers: assembly decides from the same.
-            var (plan, doneShards) = await assembler.ReportProgressAsync(files, batch, cancellationToken);
-            await assembler.AssembleIfCompleteAsync(files, plan, doneShards, cancellationToken);
-            return;
         }
 
         await assembler.TryAssembleAsync(files, cancellationToken);

@@ -164,6 +164,11 @@ public sealed class IngestHandler(
             };
             created = await BlobJson.WriteOnceAsync(manifestBlob, manifest, PipelineJson.Default.DatasetManifest, cancellationToken);
         }
+        else
+        {
+            // A redelivery after this run wrote the manifest but before its success was saved still announces the dataset.
+            created = (await BlobJson.ReadAsync(manifestBlob, PipelineJson.Default.DatasetManifest, cancellationToken))?.RunId == request.RunId;
+        }
 
         await DeleteStagingAsync(request.RunId, cancellationToken);
         await sender.SendAsync(StorageNames.Queues.Preprocess, MessageTypes.Preprocess, request.RunId,

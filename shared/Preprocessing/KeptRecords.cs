@@ -96,7 +96,8 @@ internal static class KeptRecords
 
     public sealed class Reader(Stream stream, string name) : IAsyncDisposable
     {
-        private readonly BufferedStream _input = new(stream, 1 << 20);
+        // Small: the assembly reads every partition at once, one reader each.
+        private readonly BufferedStream _input = new(stream, 64 << 10);
         private readonly byte[] _fixed = new byte[8 + 8 + 1 + 4 + 4 + 4];
         private byte[] _scratch = new byte[4096];
         private bool _started;

@@ -66,6 +66,7 @@ internal sealed class PartitionedBuild(
     ILogger logger)
 {
     private const string AssembleLock = "preprocess-assemble";
+    private const string PlanLock = "preprocess-plan";
 
     private PartitionFiles Files(string datasetId, string preparedId) => new(storage.Container(StorageNames.Containers.Datasets), datasetId, preparedId);
 
@@ -75,6 +76,22 @@ internal sealed class PartitionedBuild(
     /// </summary>
     public async Task PlanAsync(PreprocessRequest request, string runId, DatasetManifest dataset, PreprocessRecipe recipe, TokenizerSource tokenizer, string preparedId, int partitions, CancellationToken cancellationToken)
     {
+        // One planner per prepared dataset, whichever runs ask for it (the same file dropped twice): the plan, its inputs
+        // and a takeover are written under this lease. A second planner waits for the first, which is working (a dead
+        // one's lease expires within seconds), so its wait does not use up its deferrals.
+        RunLease planning;
+        try
+        {
+            planning = await RunLease.AcquireAsync(storage, preparedId, PlanLock, cancellationToken);
+        }
+        catch (RunBusyException)
+        {
+            throw new RunBusyException($"Prepared dataset {preparedId} is being planned by another run; run {runId} looks again shortly.") { WaitsOnLiveRun = true };
+        }
+
+        await using var held = planning;
+        using var work = planning.Link(cancellationToken);
+        cancellationToken = work.Token;
         var files = Files(request.DatasetId, preparedId);
         if (await BlobJson.ReadAsync(files.Plan, PreprocessJson.Default.PartitionPlan, cancellationToken) is { } existing)
         {
@@ -144,7 +161,7 @@ internal sealed class PartitionedBuild(
             if (await runs.GetAsync(plan.RunId, cancellationToken) is { } other && !RunStatus.IsFinal(other.Status))
             {
                 // Another run is preparing this very dataset with this recipe: this one waits for its manifest.
-                throw new RunBusyException($"Prepared dataset {plan.PreparedId} is being built for run {plan.RunId}; run {runId} takes it when it is done.");
+                throw new RunBusyException($"Prepared dataset {plan.PreparedId} is being built for run {plan.RunId}; run {runId} takes it when it is done.") { WaitsOnLiveRun = true };
             }
 
             // The run that planned it ended (cancelled, failed) before the build did: this run takes the build over.
@@ -178,19 +195,12 @@ internal sealed class PartitionedBuild(
         }
 
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = plan.RunId, ["PreparedId"] = plan.PreparedId, ["Partition"] = request.Partition });
-        if (!await files.Done(request.Partition).ExistsAsync(cancellationToken))
+        // Under the partition's own lease: a second delivery at once is busy (put back), then finds the done marker.
+        var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = $"Partition {request.Partition} of {plan.PreparedId}" };
+        if (await transitions.RunPartOnceAsync(part, plan.PreparedId, $"preprocess-partition-{request.Partition:00000}", files.Done(request.Partition),
+            (clock, token) => BuildAsync(files, plan, request.Partition, dequeueCount, clock, token), cancellationToken) == PartOutcome.Stopped)
         {
-            if ((await runs.GetAsync(plan.RunId, cancellationToken))?.Status is RunStatus.Cancelled or RunStatus.Failed)
-            {
-                logger.LogInformation("Run {RunId} has ended; partition {Partition} is not built", plan.RunId, request.Partition);
-                return;
-            }
-
-            var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = $"Partition {request.Partition} of {plan.PreparedId}" };
-            if (!await transitions.RunPartAsync(part, (clock, token) => BuildAsync(files, plan, request.Partition, dequeueCount, clock, token), cancellationToken))
-            {
-                return;
-            }
+            return;
         }
 
         await TryAssembleAsync(files, plan, dequeueCount, cancellationToken);
@@ -198,15 +208,6 @@ internal sealed class PartitionedBuild(
 
     private async Task BuildAsync(PartitionFiles files, PartitionPlan plan, int partition, int attempt, Stopwatch clock, CancellationToken cancellationToken)
     {
-        // Two deliveries of one partition at once: the second finds the lease taken and is retried later, when the done marker is there.
-        await using var lease = await RunLease.AcquireAsync(storage, plan.RunId, $"preprocess-partition-{partition:00000}", cancellationToken);
-        using var work = lease.Link(cancellationToken);
-        cancellationToken = work.Token;
-        if (await files.Done(partition).ExistsAsync(cancellationToken))
-        {
-            return;
-        }
-
         var (dataset, recipe, tokenizer) = await LoadAsync(plan, cancellationToken);
         var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
         var lastProgress = Stopwatch.StartNew();
@@ -299,7 +300,7 @@ internal sealed class PartitionedBuild(
         RunLease lease;
         try
         {
-            lease = await RunLease.AcquireAsync(storage, plan.RunId, AssembleLock, cancellationToken);
+            lease = await RunLease.AcquireAsync(storage, plan.PreparedId, AssembleLock, cancellationToken);
         }
         catch (RunBusyException)
         {

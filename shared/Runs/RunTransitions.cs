@@ -48,6 +48,34 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
         return await AttemptAsync(stage, lease, work, linked.Token, cancellationToken);
     }
 
+    /// <summary>
+    /// One part of a fanned-out stage (an inference shard, a preprocessing partition), done once: nothing to do when
+    /// its done marker exists (<see cref="PartOutcome.DoneBefore"/>) or its run has ended (<see cref="PartOutcome.Stopped"/>);
+    /// otherwise <paramref name="work"/> runs under the part's own lease (as <see cref="RunPartAsync(StageRun, string, string, Func{Stopwatch, CancellationToken, Task}, CancellationToken)"/>),
+    /// unless the marker appeared while the lease was being taken, and the outcome is <see cref="PartOutcome.Done"/>.
+    /// </summary>
+    public async Task<PartOutcome> RunPartOnceAsync(StageRun part, string holder, string name, Azure.Storage.Blobs.BlobClient done, Func<Stopwatch, CancellationToken, Task> work, CancellationToken cancellationToken)
+    {
+        if (await done.ExistsAsync(cancellationToken))
+        {
+            return PartOutcome.DoneBefore;
+        }
+
+        if ((await runs.GetAsync(part.RunId, cancellationToken))?.Status is RunStatus.Cancelled or RunStatus.Failed)
+        {
+            part.Logger.LogInformation("Run {RunId} has ended; {Part} is not done", part.RunId, part.Part);
+            return PartOutcome.Stopped;
+        }
+
+        return await RunPartAsync(part, holder, name, async (clock, token) =>
+        {
+            if (!await done.ExistsAsync(token))
+            {
+                await work(clock, token);
+            }
+        }, cancellationToken) ? PartOutcome.Done : PartOutcome.Stopped;
+    }
+
     private async Task<bool> AttemptAsync(StageRun stage, RunLease? lease, Func<Stopwatch, CancellationToken, Task> work, CancellationToken workToken, CancellationToken cancellationToken)
     {
         var clock = Stopwatch.StartNew();
@@ -282,3 +310,14 @@ public sealed class RunTransitions(RunStore runs, RunEvents events, StorageClien
 
 /// <summary>The run was cancelled while a stage worked on it: the stage stops and acknowledges its message.</summary>
 public sealed class RunCancelledException(string runId) : Exception($"Run {runId} was cancelled.");
+
+/// <summary>How one delivery of a part of a fanned-out stage ended (<see cref="RunTransitions.RunPartOnceAsync"/>).</summary>
+public enum PartOutcome
+{
+    /// <summary>The part was done by an earlier delivery.</summary>
+    DoneBefore,
+    /// <summary>This delivery did it (or found it done once it held the part's lease).</summary>
+    Done,
+    /// <summary>The run ended (cancelled, failed, or this part's bad input failed it): nothing more to do.</summary>
+    Stopped,
+}

@@ -351,6 +351,53 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     }
 
     [Fact]
+    public async Task Two_runs_preparing_the_same_dataset_at_once_plan_it_once_and_both_succeed()
+    {
+        using var first = new TestPipeline(azurite, settings: Settings);
+        using var second = new TestPipeline(azurite, settings: Settings);
+        var (run, _) = await IngestAsync(first, SentencesWithDuplicates());
+        var request = new PreprocessRequest(run.DatasetId!, "", Spec("""{"partitions":4}"""));
+        var other = Unique("run-same-recipe");
+
+        // Two runs ask for the same prepared dataset at the same moment, on two hosts; a busy one is put back, as the host does.
+        using var go = new Barrier(2);
+        var waits = new int[2];
+        async Task PrepareAsync(TestPipeline pipeline, string runId, int index)
+        {
+            go.SignalAndWait(TimeSpan.FromSeconds(60));
+            while (true)
+            {
+                try
+                {
+                    await pipeline.Preprocess.HandleAsync(request, runId, 1, CancellationToken.None);
+                    return;
+                }
+                catch (RunBusyException e) when (waits[index]++ < 100)
+                {
+                    Assert.True(e.WaitsOnLiveRun, e.Message);
+                    await DeliverPartitionsAsync(pipeline);
+                    await Task.Delay(200);
+                }
+            }
+        }
+
+        await Task.WhenAll(Task.Run(() => PrepareAsync(first, run.RunId, 0)), Task.Run(() => PrepareAsync(second, other, 1)));
+        await DeliverPartitionsAsync(first);
+        foreach (var runId in new[] { run.RunId, other })
+        {
+            var done = (await first.Runs.GetAsync(runId))!;
+            Assert.True(done.Status == RunStatus.Succeeded, $"{runId}: {done.Status} {done.Error ?? done.LastError}");
+        }
+
+        // One plan, one set of partitions: each partition was built once (its done marker written once).
+        var plan = await PlanAsync(first, run.DatasetId!);
+        Assert.Equal(4, plan.Partitions);
+        var folder = PreparedPaths.Folder(run.DatasetId!, plan.PreparedId) + "_partitions/done/";
+        Assert.Equal(4, (await first.ListAsync(StorageNames.Containers.Datasets, folder)).Count);
+        Assert.True(waits.Sum() > 0, "one run waited for the other");
+    }
+
+    [Fact]
     public async Task A_redelivered_preprocess_message_does_not_plan_twice()
     {
         using var pipeline = new TestPipeline(azurite, settings: Settings);
