@@ -69,11 +69,10 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
     /// <summary>One scan: an event for each blob version modified since the mark and not yet claimed; returns how many were enqueued.</summary>
     public async Task<int> ScanAsync(BlobContainerClient container, BlobContainerClient receipts, CancellationToken cancellationToken)
     {
-        // The storage service's clock, not this host's: the mark is compared with the blobs' LastModified, and a host
-        // whose clock ran ahead by more than the overlap would skip blobs for good.
-        var scanStarted = await StorageNowAsync(receipts, cancellationToken);
+        // The storage service's clock (the mark read's Date), not this host's: the mark is compared with the blobs'
+        // LastModified, and a host whose clock ran ahead by more than the overlap would skip blobs for good.
         var mark = receipts.GetBlobClient($"blobscaninfo/{container.Name}");
-        var (latestScan, markETag) = await ReadMarkAsync(mark, cancellationToken);
+        var (latestScan, markETag, scanStarted) = await ReadMarkAsync(mark, cancellationToken);
         var since = latestScan - _overlap;
         var enqueued = 0;
         await foreach (var blob in container.GetBlobsAsync(cancellationToken: cancellationToken))
@@ -115,25 +114,22 @@ public sealed class BlobCreatedWatcher(StorageClients storage, TimeSpan scanInte
 
     private static readonly DateTimeOffset Beginning = DateTimeOffset.UnixEpoch;
 
-    /// <summary>The storage service's time (its Date header: truncated to the second, so never later than the service's clock), or this host's when it sends none.</summary>
-    private static async Task<DateTimeOffset> StorageNowAsync(BlobContainerClient container, CancellationToken cancellationToken)
-    {
-        var response = await container.GetPropertiesAsync(cancellationToken: cancellationToken);
-        return response.GetRawResponse().Headers.Date ?? DateTimeOffset.UtcNow;
-    }
-
-    /// <summary>The shared mark (the start of the latest complete scan by any host); the minimum time when there is none yet.</summary>
-    private static async Task<(DateTimeOffset LatestScan, ETag? ETag)> ReadMarkAsync(BlobClient mark, CancellationToken cancellationToken)
+    /// <summary>
+    /// The shared mark (the start of the latest complete scan by any host; the minimum time when there is none yet), and
+    /// the storage service's time of the read (its Date header: truncated to the second, so never later than the
+    /// service's clock; this host's when it sends none).
+    /// </summary>
+    private static async Task<(DateTimeOffset LatestScan, ETag? ETag, DateTimeOffset Now)> ReadMarkAsync(BlobClient mark, CancellationToken cancellationToken)
     {
         try
         {
             var content = await mark.DownloadContentAsync(cancellationToken);
             var latest = JsonNode.Parse(content.Value.Content.ToString())?["latestScan"]?.GetValue<DateTimeOffset>();
-            return (latest ?? Beginning, content.Value.Details.ETag);
+            return (latest ?? Beginning, content.Value.Details.ETag, content.GetRawResponse().Headers.Date ?? DateTimeOffset.UtcNow);
         }
         catch (RequestFailedException e) when (e.Status == 404)
         {
-            return (Beginning, null);
+            return (Beginning, null, e.GetRawResponse()?.Headers.Date ?? DateTimeOffset.UtcNow);
         }
     }
 

@@ -135,8 +135,11 @@ public sealed class IngestHandler(
         var fingerprint = settings.Fingerprint();
         var datasetId = "ds-" + RunIds.Hash($"{result.Sha256}|{fingerprint}", 24);
         var manifestBlob = datasets.GetBlobClient($"{datasetId}/manifest.json");
-        var created = false;
-        if (!await manifestBlob.ExistsAsync(cancellationToken))
+        // A manifest already there is another run's dataset (the same content), or this run's own from a delivery that
+        // stopped before its success was saved: that one is still announced.
+        var existing = await BlobJson.ReadAsync(manifestBlob, PipelineJson.Default.DatasetManifest, cancellationToken);
+        var created = existing?.RunId == request.RunId;
+        if (existing is null)
         {
             await CopyOnceAsync(stagedRecords, datasets.GetBlobClient($"{datasetId}/records.jsonl"), datasetId, cancellationToken);
             await CopyOnceAsync(stagedErrors, datasets.GetBlobClient($"{datasetId}/errors.jsonl"), datasetId, cancellationToken);
@@ -163,11 +166,6 @@ public sealed class IngestHandler(
                 SettingsFingerprint = fingerprint,
             };
             created = await BlobJson.WriteOnceAsync(manifestBlob, manifest, PipelineJson.Default.DatasetManifest, cancellationToken);
-        }
-        else
-        {
-            // A redelivery after this run wrote the manifest but before its success was saved still announces the dataset.
-            created = (await BlobJson.ReadAsync(manifestBlob, PipelineJson.Default.DatasetManifest, cancellationToken))?.RunId == request.RunId;
         }
 
         await DeleteStagingAsync(request.RunId, cancellationToken);
