@@ -17,16 +17,16 @@ public static class NearDuplicateBench
         {
             var texts = Generate(count);
             GC.Collect();
-            var index = new NearDuplicateIndex(new DedupOptions { Mode = DedupModes.Near });
-            var found = 0;
+            var hasher = new MinHasher(new DedupOptions { Mode = DedupModes.Near });
+            var index = new NearDuplicateIndex(hasher);
             var clock = Stopwatch.StartNew();
+            long line = 0;
             foreach (var text in texts)
             {
-                if (index.FindOrAdd(index.Signature(text), out _) >= 0)
-                {
-                    found++;
-                }
+                index.Add(++line, hasher.Signature(text));
             }
+
+            var found = index.Clusters.Removals().Count;
 
             var seconds = clock.Elapsed.TotalSeconds;
             var perRecord = seconds / count * 1e6;

@@ -30,11 +30,19 @@ internal sealed class PartitionFiles(BlobContainerClient datasets, string datase
     public BlobClient Kept(int partition) => datasets.GetBlobClient($"{Prefix}{partition:00000}/kept.bin");
     public BlobClient Done(int partition) => datasets.GetBlobClient($"{Prefix}done/{partition:00000}.json");
 
-    /// <summary>The partitions done so far and the records each read (from the done markers' metadata: no reads).</summary>
-    public async Task<List<(int Partition, long Records)>> ListDoneAsync(CancellationToken cancellationToken)
+    /// <summary>The done marker of one part of a step: a partition's build (step null), or a near-dedup step's part.</summary>
+    public BlobClient Done(string? step, int part) => step is null ? Done(part) : datasets.GetBlobClient($"{Prefix}near/done/{step}/{part:00000}.json");
+
+    /// <summary>The near-dedup steps' files (<see cref="NearDedupSteps"/>), under <c>_partitions/near/</c>.</summary>
+    public PartStore Store => new BlobPartStore(datasets, Prefix);
+
+    /// <summary>The parts of a step done so far and the records each read (from the done markers' metadata: no reads).</summary>
+    public async Task<List<(int Partition, long Records)>> ListDoneAsync(CancellationToken cancellationToken) => await ListDoneAsync(null, cancellationToken);
+
+    public async Task<List<(int Partition, long Records)>> ListDoneAsync(string? step, CancellationToken cancellationToken)
     {
         var done = new List<(int, long)>();
-        await foreach (var item in datasets.GetBlobsAsync(BlobTraits.Metadata, BlobStates.None, Prefix + "done/", cancellationToken))
+        await foreach (var item in datasets.GetBlobsAsync(BlobTraits.Metadata, BlobStates.None, step is null ? Prefix + "done/" : $"{Prefix}near/done/{step}/", cancellationToken))
         {
             if (int.TryParse(Path.GetFileNameWithoutExtension(item.Name), NumberStyles.None, CultureInfo.InvariantCulture, out var partition))
             {
@@ -43,6 +51,24 @@ internal sealed class PartitionFiles(BlobContainerClient datasets, string datase
         }
 
         return done;
+    }
+}
+
+/// <summary>The near-dedup steps' files as block blobs under a build's <c>_partitions/</c>.</summary>
+internal sealed class BlobPartStore(BlobContainerClient container, string prefix) : PartStore
+{
+    public override async Task<Stream> CreateAsync(string name, int bufferBytes, CancellationToken cancellationToken) =>
+        await container.GetBlobClient(prefix + name).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = bufferBytes }, cancellationToken);
+
+    public override async Task<Stream> OpenReadAsync(string name, CancellationToken cancellationToken) =>
+        (await container.GetBlobClient(prefix + name).DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
+
+    public override async IAsyncEnumerable<string> ListAsync(string prefixOfNames, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken)
+    {
+        await foreach (var item in container.GetBlobsAsync(BlobTraits.None, BlobStates.None, prefix + prefixOfNames, cancellationToken))
+        {
+            yield return item.Name[prefix.Length..];
+        }
     }
 }
 
@@ -139,6 +165,7 @@ internal sealed class PartitionedBuild(
             Partitions = partitions,
             Records = counts.Sum(),
             PartitionRecords = [.. counts],
+            NearBuckets = recipe.Dedup.Mode == DedupModes.Near ? NearDedupSteps.BucketsFor(partitions, new MinHasher(recipe.Dedup)) : 0,
             Request = request,
             CreatedAt = DateTimeOffset.UtcNow,
         };
@@ -149,7 +176,7 @@ internal sealed class PartitionedBuild(
             ["preprocessPartitions"] = partitions,
             ["preprocessPartitionsDone"] = 0,
         }), cancellationToken);
-        await SendAsync(plan, Enumerable.Range(0, partitions), cancellationToken);
+        await SendAsync(plan, null, Enumerable.Range(0, partitions), cancellationToken);
         logger.LogInformation("Prepared {PreparedId} planned: {Records} records in {Partitions} partitions in {Ms} ms", preparedId, plan.Records, partitions, clock.ElapsedMilliseconds);
     }
 
@@ -169,41 +196,94 @@ internal sealed class PartitionedBuild(
             await BlobJson.WriteAsync(files.Plan, plan, PreprocessJson.Default.PartitionPlan, cancellationToken);
         }
 
-        var done = (await files.ListDoneAsync(cancellationToken)).Select(d => d.Partition).ToHashSet();
-        await SendAsync(plan, Enumerable.Range(0, plan.Partitions).Where(p => !done.Contains(p)), cancellationToken);
-        await TryAssembleAsync(files, plan, 1, cancellationToken);
+        // The first step not yet done is sent again (its parts' leases and done markers make that harmless); all done: the assembly.
+        foreach (var step in StepsOf(plan))
+        {
+            var done = (await files.ListDoneAsync(step, cancellationToken)).Select(d => d.Partition).ToHashSet();
+            if (done.Count < PartsOf(plan, step))
+            {
+                await SendAsync(plan, step, Enumerable.Range(0, PartsOf(plan, step)).Where(p => !done.Contains(p)), cancellationToken);
+                return;
+            }
+        }
+
+        await AdvanceAsync(files, plan, StepsOf(plan)[^1], 1, cancellationToken);
     }
 
-    private async Task SendAsync(PartitionPlan plan, IEnumerable<int> partitions, CancellationToken cancellationToken)
+    /// <summary>The steps of a build: the partitions, then (with near dedup) the buckets, attach and verify steps.</summary>
+    private static string?[] StepsOf(PartitionPlan plan) =>
+        plan.NearBuckets > 0 ? [null, NearDedupSteps.Buckets, NearDedupSteps.Attach, NearDedupSteps.Verify] : [null];
+
+    private static int PartsOf(PartitionPlan plan, string? step) => step == NearDedupSteps.Buckets ? plan.NearBuckets : plan.Partitions;
+
+    private async Task SendAsync(PartitionPlan plan, string? step, IEnumerable<int> parts, CancellationToken cancellationToken)
     {
-        foreach (var partition in partitions)
+        foreach (var part in parts)
         {
             await sender.SendAsync(StorageNames.Queues.PreprocessPartition, MessageTypes.PreprocessPartition, plan.RunId,
-                new PreprocessPartitionRequest(plan.DatasetId, plan.PreparedId, partition), PreprocessJson.Default.PreprocessPartitionRequest, cancellationToken: cancellationToken);
+                new PreprocessPartitionRequest(plan.DatasetId, plan.PreparedId, part, step), PreprocessJson.Default.PreprocessPartitionRequest, cancellationToken: cancellationToken);
         }
     }
 
-    /// <summary>Handles a <c>preprocess-partition</c> message: builds the partition once, then assembles if it was the last.</summary>
+    /// <summary>
+    /// Handles a <c>preprocess-partition</c> message: one part of one step (a partition, or a near-dedup
+    /// bucket, attach or verify part) done once, then the next step started, or the assembly run, if it was the last.
+    /// </summary>
     public async Task HandlePartitionAsync(PreprocessPartitionRequest request, int dequeueCount, CancellationToken cancellationToken)
     {
         var files = Files(request.DatasetId, request.PreparedId);
         var plan = await BlobJson.ReadAsync(files.Plan, PreprocessJson.Default.PartitionPlan, cancellationToken)
             ?? throw new InvalidMessageException($"The preprocess-partition message names prepared dataset {request.PreparedId} of {request.DatasetId}, which has no partition plan.");
-        if (request.Partition < 0 || request.Partition >= plan.Partitions)
+        var step = request.Step;
+        if (!StepsOf(plan).Contains(step))
         {
-            throw new InvalidMessageException($"The preprocess-partition message names partition {request.Partition}; {request.PreparedId} has partitions 0 to {plan.Partitions - 1}.");
+            throw new InvalidMessageException($"The preprocess-partition message names step '{step}'; {request.PreparedId} has the steps: {string.Join(", ", StepsOf(plan).Select(s => s ?? "(partition)"))}.");
         }
 
-        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = plan.RunId, ["PreparedId"] = plan.PreparedId, ["Partition"] = request.Partition });
-        // Under the partition's own lease: a second delivery at once is busy (put back), then finds the done marker.
-        var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = $"Partition {request.Partition} of {plan.PreparedId}" };
-        if (await transitions.RunPartOnceAsync(part, plan.PreparedId, $"preprocess-partition-{request.Partition:00000}", files.Done(request.Partition),
-            (clock, token) => BuildAsync(files, plan, request.Partition, dequeueCount, clock, token), cancellationToken) == PartOutcome.Stopped)
+        var parts = PartsOf(plan, step);
+        if (request.Partition < 0 || request.Partition >= parts)
+        {
+            throw new InvalidMessageException($"The preprocess-partition message names {step ?? "partition"} {request.Partition}; {request.PreparedId} has {step ?? "partition"}s 0 to {parts - 1}.");
+        }
+
+        using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = plan.RunId, ["PreparedId"] = plan.PreparedId, ["Partition"] = request.Partition, ["Step"] = step ?? "partition" });
+        // Under the part's own lease: a second delivery at once is busy (put back), then finds the done marker.
+        var label = step is null ? $"Partition {request.Partition} of {plan.PreparedId}" : $"Near-dedup {step} part {request.Partition} of {plan.PreparedId}";
+        var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = label };
+        var lockName = step is null ? $"preprocess-partition-{request.Partition:00000}" : $"preprocess-{step}-{request.Partition:00000}";
+        if (await transitions.RunPartOnceAsync(part, plan.PreparedId, lockName, files.Done(step, request.Partition),
+            (clock, token) => step is null
+                ? BuildAsync(files, plan, request.Partition, dequeueCount, clock, token)
+                : NearStepAsync(files, plan, step, request.Partition, dequeueCount, clock, token), cancellationToken) == PartOutcome.Stopped)
         {
             return;
         }
 
-        await TryAssembleAsync(files, plan, dequeueCount, cancellationToken);
+        await AdvanceAsync(files, plan, step, dequeueCount, cancellationToken);
+    }
+
+    /// <summary>One part of a near-dedup step (<see cref="NearDedupSteps"/>), committed by its done marker.</summary>
+    private async Task NearStepAsync(PartitionFiles files, PartitionPlan plan, string step, int part, int attempt, Stopwatch clock, CancellationToken cancellationToken)
+    {
+        var hasher = new MinHasher(PreprocessRecipe.From(plan.Request.Spec?.Preprocess).Dedup);
+        var store = files.Store;
+        long count = 0;
+        switch (step)
+        {
+            case NearDedupSteps.Buckets:
+                count = await NearDedupSteps.BucketAsync(store, part, plan.Partitions, cancellationToken);
+                break;
+            case NearDedupSteps.Attach:
+                await NearDedupSteps.AttachAsync(store, part, hasher.Permutations, cancellationToken);
+                break;
+            default:
+                count = await NearDedupSteps.VerifyAsync(store, part, hasher, cancellationToken);
+                break;
+        }
+
+        var outcome = new NearStepOutcome(step, part, count, attempt, Math.Round(clock.Elapsed.TotalMilliseconds, 1), DateTimeOffset.UtcNow);
+        await files.Done(step, part).UploadAsync(new BinaryData(JsonSerializer.SerializeToUtf8Bytes(outcome, PreprocessJson.Default.NearStepOutcome)), cancellationToken);
+        logger.LogInformation("Near-dedup {Step} part {Part} of {PreparedId}: {Count} pairs, {Ms} ms", step, part, plan.PreparedId, count, outcome.WallMs);
     }
 
     private async Task BuildAsync(PartitionFiles files, PartitionPlan plan, int partition, int attempt, Stopwatch clock, CancellationToken cancellationToken)
@@ -215,8 +295,9 @@ internal sealed class PartitionedBuild(
         var input = await files.Input(partition).DownloadStreamingAsync(cancellationToken: cancellationToken);
         await using (var records = input.Value.Content)
         await using (var kept = await files.Kept(partition).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = options.UploadBlockBytes }, cancellationToken))
+        await using (var near = plan.NearBuckets > 0 ? await NearDedupSteps.PartitionWriter.CreateAsync(files.Store, new MinHasher(recipe.Dedup), partition, plan.NearBuckets, cancellationToken) : null)
         {
-            outcome = await builder.BuildPartitionAsync(partition, records, dataset, kept, async _ =>
+            outcome = await builder.BuildPartitionAsync(partition, records, dataset, kept, near, async _ =>
             {
                 if (lastProgress.Elapsed >= progressInterval)
                 {
@@ -255,10 +336,11 @@ internal sealed class PartitionedBuild(
     }
 
     /// <summary>
-    /// Reports progress from the done markers and, when every partition is done, assembles under the
-    /// build's lease; the manifest is written last, so a crash here leaves none and a redelivery redoes it.
+    /// Reports progress from the done markers of <paramref name="step"/> and, when all its parts are done,
+    /// sends the next step's messages or, after the last step, assembles under the build's lease; the
+    /// manifest is written last, so a crash here leaves none and a redelivery redoes it.
     /// </summary>
-    private async Task TryAssembleAsync(PartitionFiles files, PartitionPlan plan, int attempt, CancellationToken cancellationToken)
+    private async Task AdvanceAsync(PartitionFiles files, PartitionPlan plan, string? step, int attempt, CancellationToken cancellationToken)
     {
         var run = await runs.GetAsync(plan.RunId, cancellationToken);
         if (run is null || RunTransitions.IsDone(run, Stages.Preprocess))
@@ -266,9 +348,15 @@ internal sealed class PartitionedBuild(
             return;
         }
 
-        var done = await files.ListDoneAsync(cancellationToken);
-        var recordsDone = done.Sum(d => d.Records);
-        var rate = recordsDone / Math.Max(0.001, (DateTimeOffset.UtcNow - plan.CreatedAt).TotalSeconds);
+        var done = await files.ListDoneAsync(step, cancellationToken);
+        var steps = StepsOf(plan);
+        var counts = step is null ? PartitionCounts(plan, done) : new Dictionary<string, long>
+        {
+            ["preprocessNearStep"] = Array.IndexOf(steps, step),
+            ["preprocessNearSteps"] = steps.Length - 1,
+            ["preprocessNearParts"] = PartsOf(plan, step),
+            ["preprocessNearPartsDone"] = done.Count,
+        };
         await runs.UpdateAsync(plan.RunId, r =>
         {
             if (RunStatus.IsFinal(r.Status))
@@ -276,23 +364,47 @@ internal sealed class PartitionedBuild(
                 return false;
             }
 
-            r.SetCounts(new Dictionary<string, long>
-            {
-                ["preprocessRecords"] = recordsDone,
-                ["preprocessPartitions"] = plan.Partitions,
-                ["preprocessPartitionsDone"] = done.Count,
-                ["preprocessRecordsPerSecond"] = (long)rate,
-                ["preprocessEtaSeconds"] = rate > 0 ? (long)Math.Ceiling(Math.Max(0, plan.Records - recordsDone) / rate) : -1,
-            });
+            r.SetCounts(counts);
             return true;
         }, cancellationToken);
-        if (done.Count < plan.Partitions)
+        if (done.Count < PartsOf(plan, step))
         {
+            return;
+        }
+
+        var index = Array.IndexOf(steps, step);
+        if (index < steps.Length - 1)
+        {
+            var next = steps[index + 1];
+            var nextDone = (await files.ListDoneAsync(next, cancellationToken)).Select(d => d.Partition).ToHashSet();
+            if (nextDone.Count == PartsOf(plan, next))
+            {
+                // A redelivery after the next step finished too: carry on from there.
+                await AdvanceAsync(files, plan, next, attempt, cancellationToken);
+                return;
+            }
+
+            // Every finisher that sees the step complete may send these; a part's lease and done marker make a second message harmless.
+            await SendAsync(plan, next, Enumerable.Range(0, PartsOf(plan, next)).Where(p => !nextDone.Contains(p)), cancellationToken);
             return;
         }
 
         var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, attempt, logger) { Part = $"Assembly of {plan.PreparedId}" };
         await transitions.RunPartAsync(part, (_, token) => AssembleAsync(files, plan, token), cancellationToken);
+    }
+
+    private static Dictionary<string, long> PartitionCounts(PartitionPlan plan, List<(int Partition, long Records)> done)
+    {
+        var recordsDone = done.Sum(d => d.Records);
+        var rate = recordsDone / Math.Max(0.001, (DateTimeOffset.UtcNow - plan.CreatedAt).TotalSeconds);
+        return new Dictionary<string, long>
+        {
+            ["preprocessRecords"] = recordsDone,
+            ["preprocessPartitions"] = plan.Partitions,
+            ["preprocessPartitionsDone"] = done.Count,
+            ["preprocessRecordsPerSecond"] = (long)rate,
+            ["preprocessEtaSeconds"] = rate > 0 ? (long)Math.Ceiling(Math.Max(0, plan.Records - recordsDone) / rate) : -1,
+        };
     }
 
     private async Task AssembleAsync(PartitionFiles files, PartitionPlan plan, CancellationToken cancellationToken)
@@ -333,8 +445,9 @@ internal sealed class PartitionedBuild(
                     kept.Add((await files.Kept(p).DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content);
                 }
 
+                var near = plan.NearBuckets > 0 ? await NearDedupSteps.ClusterAsync(files.Store, plan.Partitions, cancellationToken) : NearDedupSteps.NearDuplicates.None;
                 var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
-                var build = await builder.AssembleAsync(kept, outcomes, dataset, ShardSink.Blobs(files.Container, options.UploadBlockBytes), files.Folder, cancellationToken);
+                var build = await builder.AssembleAsync(kept, outcomes, near, dataset, ShardSink.Blobs(files.Container, options.UploadBlockBytes), files.Folder, cancellationToken);
                 (manifest, report) = await commit.WriteAsync(plan.RunId, dataset, recipe, tokenizer, plan.PreparedId, build, DateTimeOffset.UtcNow - plan.CreatedAt, cancellationToken);
             }
             finally

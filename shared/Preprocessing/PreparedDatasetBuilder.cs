@@ -102,8 +102,11 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         CancellationToken cancellationToken) =>
         BuildAsync(records, dataset, ShardSink.Blobs(output, options.UploadBlockBytes), folder, progress, cancellationToken);
 
-    /// <summary>The single pass: every record read, cleaned, tokenized, deduplicated and split by this one call.</summary>
-    public async Task<BuildResult> BuildAsync(
+    /// <summary>
+    /// The single pass over <paramref name="records"/>. Near dedup reads the records twice, so it needs a
+    /// stream that can seek (or the overload that opens the records itself).
+    /// </summary>
+    public Task<BuildResult> BuildAsync(
         Stream records,
         DatasetManifest dataset,
         ShardSink output,
@@ -111,49 +114,177 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         Func<BuildProgress, ValueTask>? progress,
         CancellationToken cancellationToken)
     {
+        var opened = 0;
+        return BuildAsync(_ =>
+        {
+            if (opened++ > 0)
+            {
+                if (!records.CanSeek)
+                {
+                    throw new InvalidOperationException("Near-duplicate dedup reads the records twice: pass a stream that can seek, or a function that opens the records.");
+                }
+
+                records.Position = 0;
+            }
+
+            return Task.FromResult(records);
+        }, dispose: false, dataset, output, folder, progress, cancellationToken);
+    }
+
+    /// <summary>The single pass over the records <paramref name="openRecords"/> opens (twice for near dedup).</summary>
+    public Task<BuildResult> BuildAsync(
+        Func<CancellationToken, Task<Stream>> openRecords,
+        DatasetManifest dataset,
+        BlobContainerClient output,
+        string folder,
+        Func<BuildProgress, ValueTask>? progress,
+        CancellationToken cancellationToken) =>
+        BuildAsync(openRecords, dispose: true, dataset, ShardSink.Blobs(output, options.UploadBlockBytes), folder, progress, cancellationToken);
+
+    /// <summary>
+    /// The single pass: every record read, cleaned, tokenized, deduplicated and split by this one call. Near
+    /// dedup first reads the records once for their signatures and the clusters (<see cref="FindNearDuplicatesAsync"/>).
+    /// </summary>
+    private async Task<BuildResult> BuildAsync(
+        Func<CancellationToken, Task<Stream>> openRecords,
+        bool dispose,
+        DatasetManifest dataset,
+        ShardSink output,
+        string folder,
+        Func<BuildProgress, ValueTask>? progress,
+        CancellationToken cancellationToken)
+    {
         var context = Context(dataset);
-        var near = recipe.Dedup.Mode == DedupModes.Near ? new NearDuplicateIndex(recipe.Dedup) : null;
-        var exact = recipe.Dedup.Mode == DedupModes.Exact ? new HashSet<ulong>() : null;
+        var near = NearDedupSteps.NearDuplicates.None;
+        if (recipe.Dedup.Mode == DedupModes.Near)
+        {
+            var first = await openRecords(cancellationToken);
+            try
+            {
+                near = await FindNearDuplicatesAsync(first, context, cancellationToken);
+            }
+            finally
+            {
+                if (dispose)
+                {
+                    await first.DisposeAsync();
+                }
+            }
+        }
+
+        var roots = near.Removed.Values.Select(r => r.KeptLine).ToHashSet();
+        var rootExcerpts = new Dictionary<long, string>();
+        var exact = recipe.Dedup.Mode != DedupModes.None ? new HashSet<ulong>() : null;
         var keptExcerpts = new List<(long Line, string Excerpt)>();
         var firstByKey = new Dictionary<ulong, int>();
         var redactions = new RedactionCounts();
         await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
         var stats = assembly.Stats;
+        var records = await openRecords(cancellationToken);
+        try
+        {
+            await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, null), async batch =>
+            {
+                for (var i = 0; i < batch.Count; i++)
+                {
+                    var record = batch.Results[i];
+                    stats.RecordsRead++;
+                    redactions.Emails += record.Emails;
+                    redactions.Phones += record.Phones;
+                    redactions.IpAddresses += record.IpAddresses;
+                    if (!record.Kept)
+                    {
+                        continue;
+                    }
 
-        await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, near), async batch =>
+                    if (exact is not null && !exact.Add(record.Key))
+                    {
+                        stats.ExactDuplicatesRemoved++;
+                        Sample(stats, keptExcerpts, firstByKey.GetValueOrDefault(record.Key, -1), record, 1.0);
+                        continue;
+                    }
+
+                    // The first record of each key (the partitions' kept records) is remembered, whether near dedup keeps it or not.
+                    if (exact is not null)
+                    {
+                        firstByKey.TryAdd(record.Key, keptExcerpts.Count);
+                    }
+
+                    if (keptExcerpts.Count < options.DuplicateSampleSources)
+                    {
+                        keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
+                    }
+
+                    if (near.Removed.TryGetValue(record.Line, out var removal))
+                    {
+                        stats.NearDuplicatesRemoved++;
+                        if (stats.DuplicateSamples.Count < options.DuplicateSamples)
+                        {
+                            stats.DuplicateSamples.Add(new DuplicatePair(removal.KeptLine, record.Line, removal.Similarity, rootExcerpts[removal.KeptLine], Excerpt(record.Text!)));
+                        }
+
+                        continue;
+                    }
+
+                    if (roots.Contains(record.Line))
+                    {
+                        rootExcerpts[record.Line] = Excerpt(record.Text!);
+                    }
+
+                    await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+                }
+
+                if (progress is not null)
+                {
+                    await progress(new BuildProgress(stats.RecordsRead, assembly.Tokens));
+                }
+            }, cancellationToken);
+        }
+        finally
+        {
+            if (dispose)
+            {
+                await records.DisposeAsync();
+            }
+        }
+
+        return await assembly.CompleteAsync(dataset, redactions, cancellationToken);
+    }
+
+    /// <summary>
+    /// The single pass's first read for near dedup: each record cleaned and rendered (not tokenized), exact
+    /// duplicates set aside (as the partitions' exact dedup does), and the distinct ones' signatures put
+    /// through the LSH index; the clusters of verified pairs say which records go.
+    /// </summary>
+    private async Task<NearDedupSteps.NearDuplicates> FindNearDuplicatesAsync(Stream records, BuildContext context, CancellationToken cancellationToken)
+    {
+        var hasher = new MinHasher(recipe.Dedup);
+        var index = new NearDuplicateIndex(hasher);
+        var keys = new HashSet<ulong>();
+        await ReadInBatchesAsync(records, (line, result, _) => Sign(line, result, context.Cleaner, hasher), batch =>
         {
             for (var i = 0; i < batch.Count; i++)
             {
                 var record = batch.Results[i];
-                stats.RecordsRead++;
-                redactions.Emails += record.Emails;
-                redactions.Phones += record.Phones;
-                redactions.IpAddresses += record.IpAddresses;
-                if (!record.Kept)
+                if (record.Kept && keys.Add(record.Key))
                 {
-                    continue;
+                    index.Add(record.Line, record.Signature!);
                 }
-
-                if (IsDuplicate(record, exact, near, firstByKey, keptExcerpts, stats))
-                {
-                    continue;
-                }
-
-                if (keptExcerpts.Count < options.DuplicateSampleSources)
-                {
-                    keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
-                }
-
-                await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
             }
 
-            if (progress is not null)
-            {
-                await progress(new BuildProgress(stats.RecordsRead, assembly.Tokens));
-            }
+            return Task.CompletedTask;
         }, cancellationToken);
+        return new NearDedupSteps.NearDuplicates(index.Clusters.Removals(), []);
+    }
 
-        return await assembly.CompleteAsync(dataset, redactions, cancellationToken);
+    private void Sign(ReadOnlySpan<byte> line, Processed result, TextCleaner cleaner, MinHasher hasher)
+    {
+        var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        var rendered = Render(record, cleaner, new RedactionCounts(), out _, out _);
+        result.Line = record.Line;
+        result.Kept = !string.IsNullOrWhiteSpace(rendered);
+        result.Key = result.Kept ? Key(rendered, record.Label) : 0;
+        result.Signature = result.Kept ? hasher.Signature(rendered) : null;
     }
 
     /// <summary>
@@ -197,20 +328,28 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// Memory: one dedup entry per distinct record of the partition, and the excerpts of its first
     /// <see cref="PreprocessingOptions.DuplicateSampleSources"/> kept records.
     /// </summary>
-    public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken)
+    public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken) =>
+        await BuildPartitionAsync(partition, records, dataset, kept, null, progress, cancellationToken);
+
+    /// <summary>
+    /// <inheritdoc cref="BuildPartitionAsync(int, Stream, DatasetManifest, Stream, Func{BuildProgress, ValueTask}?, CancellationToken)"/>
+    /// With near dedup, each kept record's signature and band keys also go to <paramref name="near"/> (the first of the near-dedup steps).
+    /// </summary>
+    public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, NearDedupSteps.PartitionWriter? near, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken)
     {
-        if (recipe.Dedup.Mode == DedupModes.Near)
+        if ((recipe.Dedup.Mode == DedupModes.Near) != (near is not null))
         {
-            throw new InvalidOperationException("Near-duplicate dedup is prepared in a single pass; the partitioned build does none and exact dedup.");
+            throw new InvalidOperationException("A partition with near dedup writes its signatures, and only then.");
         }
 
         var context = Context(dataset);
-        var firstLines = recipe.Dedup.Mode == DedupModes.Exact ? new Dictionary<ulong, long>() : null;
+        var hasher = near is not null ? new MinHasher(recipe.Dedup) : null;
+        var firstLines = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, long>() : null;
         var excerpts = new Dictionary<long, string>();
         var outcome = new PartitionOutcome { Partition = partition };
         long tokens = 0;
         await using var writer = new KeptRecords.Writer(kept);
-        await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, null), async batch =>
+        await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, hasher), async batch =>
         {
             for (var i = 0; i < batch.Count; i++)
             {
@@ -246,6 +385,10 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 outcome.Kept++;
                 tokens += record.Count;
                 await writer.WriteAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+                if (near is not null)
+                {
+                    await near.AddAsync(record.Line, record.Signature!, Excerpt(record.Text!), cancellationToken);
+                }
             }
 
             if (progress is not null)
@@ -263,7 +406,14 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// by the same code as the single pass, so shards and statistics are the same bytes. Memory: one
     /// record per partition, plus what the split and the shard writers hold.
     /// </summary>
-    public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken)
+    public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken) =>
+        await AssembleAsync(kept, outcomes, NearDedupSteps.NearDuplicates.None, dataset, output, folder, cancellationToken);
+
+    /// <summary>
+    /// <inheritdoc cref="AssembleAsync(IReadOnlyList{Stream}, IReadOnlyList{PartitionOutcome}, DatasetManifest, ShardSink, string, CancellationToken)"/>
+    /// Records that <paramref name="near"/> removes (the near-dedup clusters) are left out as they are met.
+    /// </summary>
+    public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, NearDedupSteps.NearDuplicates near, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken)
     {
         var context = Context(dataset);
         await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
@@ -308,7 +458,15 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 }
 
                 keptIndex++;
-                await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+                if (near.Removed.ContainsKey(record.Line))
+                {
+                    stats.NearDuplicatesRemoved++;
+                }
+                else
+                {
+                    await assembly.AddAsync(record.Tokens, record.Label, record.PromptLength, record.Truncated, record.Key, record.Line, cancellationToken);
+                }
+
                 if (await readers[i].ReadAsync(cancellationToken))
                 {
                     next.Enqueue(i, readers[i].Current.Line);
@@ -323,7 +481,10 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             }
         }
 
-        stats.DuplicateSamples = samples;
+        // The near duplicates' sample: the first removals in source order, with the excerpts their verified pairs carried.
+        var nearSamples = near.Removed.OrderBy(r => r.Key).Take(options.DuplicateSamples)
+            .Select(r => new DuplicatePair(r.Value.KeptLine, r.Key, r.Value.Similarity, near.Excerpts[r.Value.KeptLine], near.Excerpts[r.Key]));
+        stats.DuplicateSamples = [.. samples.Concat(nearSamples).OrderBy(s => s.RemovedLine).Take(options.DuplicateSamples)];
         return await assembly.CompleteAsync(dataset, redactions, cancellationToken);
     }
 
@@ -420,7 +581,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         return key.GetCurrentHashAsUInt64();
     }
 
-    private void Process(ReadOnlySpan<byte> line, Processed result, TextTokenizer tokenizer, BuildContext context, NearDuplicateIndex? near)
+    private void Process(ReadOnlySpan<byte> line, Processed result, TextTokenizer tokenizer, BuildContext context, MinHasher? hasher)
     {
         result.Kept = false;
         result.Signature = null;
@@ -467,7 +628,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
         result.SetIds(ids);
         result.Key = Key(rendered, record.Label);
-        result.Signature = near?.Signature(rendered);
+        result.Signature = hasher?.Signature(rendered);
         result.Text = rendered;
         result.Kept = true;
     }
@@ -491,37 +652,6 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         return builder.ToString();
     }
 
-    private bool IsDuplicate(Processed record, HashSet<ulong>? exact, NearDuplicateIndex? near, Dictionary<ulong, int> firstByKey, List<(long Line, string Excerpt)> kept, PreparedStats stats)
-    {
-        if (exact is not null)
-        {
-            if (exact.Add(record.Key))
-            {
-                firstByKey.TryAdd(record.Key, kept.Count);
-                return false;
-            }
-
-            stats.ExactDuplicatesRemoved++;
-            Sample(stats, kept, firstByKey.GetValueOrDefault(record.Key, -1), record, 1.0);
-            return true;
-        }
-
-        if (near is not null)
-        {
-            var original = near.FindOrAdd(record.Signature!, out var similarity);
-            if (original < 0)
-            {
-                return false;
-            }
-
-            stats.NearDuplicatesRemoved++;
-            Sample(stats, kept, original, record, Math.Round(similarity, 3));
-            return true;
-        }
-
-        return false;
-    }
-
     private void Sample(PreparedStats stats, List<(long Line, string Excerpt)> kept, int keptIndex, Processed removed, double similarity)
     {
         if (stats.DuplicateSamples.Count >= options.DuplicateSamples)
@@ -533,7 +663,10 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         stats.DuplicateSamples.Add(new DuplicatePair(line, removed.Line, similarity, excerpt, Excerpt(removed.Text!)));
     }
 
-    private static string Excerpt(string text) => text.Length <= ExcerptChars ? text : text[..ExcerptChars] + "…";
+    /// <summary>The start of a text for the duplicate sample (never ending inside a surrogate pair).</summary>
+    private static string Excerpt(string text) => text.Length <= ExcerptChars
+        ? text
+        : text[..(char.IsHighSurrogate(text[ExcerptChars - 1]) ? ExcerptChars - 1 : ExcerptChars)] + "…";
 
     /// <summary>Label names by id: numeric labels in numeric order, others in ordinal order.</summary>
     public static List<string> LabelNames(DatasetManifest dataset)

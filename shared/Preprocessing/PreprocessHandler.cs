@@ -48,7 +48,15 @@ public sealed class PreprocessHandler
 
     /// <summary>The prepared id: the dataset, the recipe (without its partitioning settings) and the tokenizer's fingerprint.</summary>
     public static string PreparedIdFor(string datasetId, PreprocessRecipe recipe, TokenizerSource tokenizer) =>
-        "pp-" + RunIds.Hash($"{datasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}", 24);
+        "pp-" + RunIds.Hash($"{datasetId}|{recipe.Canonical()}|{tokenizer.Fingerprint}{FormatVersion(recipe)}", 24);
+
+    /// <summary>
+    /// Output format versions, so a prepared dataset made by older code is not taken for a new one. Near
+    /// dedup 2 (2026-12-01): clusters of verified pairs, each keeping its first record, and exact duplicates
+    /// counted as exact, the same at any number of partitions (version 1 kept a record unless it matched
+    /// an earlier kept one). Exact and no dedup are unchanged (no suffix, the ids they always had).
+    /// </summary>
+    private static string FormatVersion(PreprocessRecipe recipe) => recipe.Dedup.Mode == DedupModes.Near ? "|near-dedup-2" : "";
 
     /// <summary>Handles a <c>preprocess</c> message (from ingestion, or a command).</summary>
     public async Task HandleAsync(PreprocessRequest request, string runId, int dequeueCount, CancellationToken cancellationToken)
@@ -81,11 +89,6 @@ public sealed class PreprocessHandler
         }
 
         var partitions = recipe.PartitionsFor(dataset.Counts.Valid);
-        if (partitions > 1 && recipe.Dedup.Mode == DedupModes.Near)
-        {
-            logger.LogInformation("Dataset {DatasetId} has {Records} records ({Partitions} partitions' worth), but near-duplicate dedup is prepared in a single pass", request.DatasetId, dataset.Counts.Valid, partitions);
-            partitions = 1;
-        }
 
         if (partitions > 1)
         {
@@ -93,22 +96,19 @@ public sealed class PreprocessHandler
             return;
         }
 
-        var download = await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync(cancellationToken: cancellationToken);
-        BuildResult build;
-        await using (var records = download.Value.Content)
+        // Near dedup reads the records twice (signatures and clusters first), so the builder opens them itself.
+        var records = datasets.GetBlobClient(dataset.Records);
+        var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
+        var lastProgress = Stopwatch.StartNew();
+        var build = await builder.BuildAsync(async token => (await records.DownloadStreamingAsync(cancellationToken: token)).Value.Content, dataset, datasets, folder, async p =>
         {
-            var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
-            var lastProgress = Stopwatch.StartNew();
-            build = await builder.BuildAsync(records, dataset, datasets, folder, async p =>
+            if (lastProgress.Elapsed >= ingestionOptions.ProgressInterval)
             {
-                if (lastProgress.Elapsed >= ingestionOptions.ProgressInterval)
-                {
-                    lastProgress.Restart();
-                    await transitions.ProgressAsync(runId,
-                        r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens }), cancellationToken);
-                }
-            }, cancellationToken);
-        }
+                lastProgress.Restart();
+                await transitions.ProgressAsync(runId,
+                    r => r.SetCounts(new Dictionary<string, long> { ["preprocessRecords"] = p.Records, ["preprocessTokens"] = p.Tokens }), cancellationToken);
+            }
+        }, cancellationToken);
 
         var (manifest, report) = await commit.WriteAsync(runId, dataset, recipe, tokenizer, preparedId, build, clock.Elapsed, cancellationToken);
         await commit.FinishRunAsync(request, runId, manifest, report, clock.Elapsed, cancellationToken);

@@ -99,8 +99,9 @@ public static class PreparedPaths
     public static string Folder(string datasetId, string preparedId) => $"{datasetId}/prepared/{preparedId}/";
 }
 
-/// <summary>Body of a <c>preprocess-partition</c> message: one partition of a partitioned build (see <see cref="PartitionPlan"/>).</summary>
-public sealed record PreprocessPartitionRequest(string DatasetId, string PreparedId, int Partition);
+/// <summary>Body of a <c>preprocess-partition</c> message: one part of one step of a partitioned build (see <see cref="PartitionPlan"/>).
+/// <see cref="Step"/> is null for a partition's build, or a near-dedup step: buckets, attach, verify.</summary>
+public sealed record PreprocessPartitionRequest(string DatasetId, string PreparedId, int Partition, string? Step = null);
 
 /// <summary>
 /// <c>_partitions/plan.json</c> in a prepared folder: a build fanned out over partitions. Written once every
@@ -117,6 +118,8 @@ public sealed record PartitionPlan
     /// <summary>Records of the dataset, and those each partition received.</summary>
     public required long Records { get; init; }
     public required List<long> PartitionRecords { get; init; }
+    /// <summary>With near dedup: the buckets its band keys are shared out to (0: no near-dedup steps).</summary>
+    public int NearBuckets { get; init; }
     public required PreprocessRequest Request { get; init; }
     public required DateTimeOffset CreatedAt { get; init; }
 }
@@ -141,6 +144,12 @@ public sealed record PartitionOutcome
     public DateTimeOffset FinishedAt { get; set; }
 }
 
+/// <summary><c>_partitions/near/done/&lt;step&gt;/NNNNN.json</c>: one part of a near-dedup step, written after its files.</summary>
+public sealed record NearStepOutcome(string Step, int Part, long Pairs, int Attempt, double WallMs, DateTimeOffset FinishedAt)
+{
+    public int SchemaVersion { get; init; } = 1;
+}
+
 /// <summary>Body of a <c>finetune</c> message: the prepared dataset and the run spec.</summary>
 public sealed record FineTuneRequest(string DatasetId, string PreparedId, string PreparedManifest, RunSpec? Spec = null);
 
@@ -153,6 +162,7 @@ public sealed record FineTuneRequest(string DatasetId, string PreparedId, string
 [JsonSerializable(typeof(PreprocessPartitionRequest))]
 [JsonSerializable(typeof(PartitionPlan))]
 [JsonSerializable(typeof(PartitionOutcome))]
+[JsonSerializable(typeof(NearStepOutcome))]
 [JsonSerializable(typeof(CanonicalRecord))]
 public sealed partial class PreprocessJson : JsonSerializerContext;
 

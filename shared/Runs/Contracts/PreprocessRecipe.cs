@@ -98,7 +98,6 @@ public sealed record PreprocessRecipe
         Check(Thresholds.MaxTruncatedFraction is >= 0 and <= 1, $"thresholds.maxTruncatedFraction is {Thresholds.MaxTruncatedFraction}; use 0 to 1.");
         Check(PartitionRecords is null or >= 1000, $"partitionRecords is {PartitionRecords}; use at least 1000 records per partition.");
         Check(Partitions is null or (>= 1 and <= MaxPartitions), $"partitions is {Partitions}; use 1 to {MaxPartitions}.");
-        Check(Partitions is null or 1 || Dedup.Mode != DedupModes.Near, $"partitions is {Partitions} with dedup.mode near; near-duplicate dedup is prepared in a single pass: use dedup.mode exact or none, or leave partitions out.");
         Check(Thresholds.MinExamplesPerLabel >= 0 && Thresholds.MinTrainRecords >= 0, "thresholds must not be negative.");
     }
 

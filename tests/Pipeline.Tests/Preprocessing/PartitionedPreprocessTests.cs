@@ -33,7 +33,7 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     /// The team's labelled sentences (2,000) plus planted exact duplicates: 300 of them again, later in the
     /// file, with their white space changed (identical after normalization), and 40 repeated three times.
     /// </summary>
-    private static string SentencesWithDuplicates(bool labelled = true)
+    private static string SentencesWithDuplicates(bool labelled = true, bool near = false)
     {
         var sentences = new List<(string Text, int Label)>();
         foreach (var file in new[] { "yelp_labelled.txt", "amazon_cells_labelled.txt" })
@@ -63,6 +63,25 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
             for (var copy = 0; copy < 3; copy++)
             {
                 records.Insert(random.Next(records.Count), Record(text, label));
+            }
+        }
+
+        if (near)
+        {
+            // Planted near duplicates: 80 sentences of 10 words or more again with a word added (3-word shingles' Jaccard
+            // 0.9 or more), later in the file; 20 of those copied once more with another word (a chain: a cluster of three).
+            var longer = sentences.Where(s => s.Text.Split(' ').Length >= 10).ToList();
+            for (var i = 0; i < 80; i++)
+            {
+                var (text, label) = longer[random.Next(longer.Count)];
+                var at = records.FindIndex(r => r.Contains(JsonSerializer.Serialize(text)[1..^1], StringComparison.Ordinal));
+                var copy = text + " indeed";
+                var position = random.Next(at + 1, records.Count + 1);
+                records.Insert(position, Record(copy, label));
+                if (i < 20)
+                {
+                    records.Insert(random.Next(position + 1, records.Count + 1), Record(copy + " truly", label));
+                }
             }
         }
 
@@ -129,8 +148,9 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
         var recipe = PreprocessRecipe.From(JsonDocument.Parse(preprocess).RootElement) with { Partitions = null };
         var tokenizers = await TokenizerSource.LoadAsync(azurite.Storage, recipe.Tokenizer, CancellationToken.None);
         var datasets = azurite.Storage.Container(StorageNames.Containers.Datasets);
-        await using var records = (await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync()).Value.Content;
-        var build = await new PreparedDatasetBuilder(recipe, tokenizers, Options).BuildAsync(records, dataset, datasets, $"single-{Guid.NewGuid():n}/", null, CancellationToken.None);
+        var records = datasets.GetBlobClient(dataset.Records);
+        var build = await new PreparedDatasetBuilder(recipe, tokenizers, Options).BuildAsync(
+            async token => (await records.DownloadStreamingAsync(cancellationToken: token)).Value.Content, dataset, datasets, $"single-{Guid.NewGuid():n}/", null, CancellationToken.None);
         return (Describe(build.Shards), JsonSerializer.Serialize(build.Stats, PreprocessJson.Default.PreparedStats));
     }
 
@@ -419,15 +439,53 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
     }
 
     [Fact]
-    public async Task Partitions_with_near_dedup_are_refused_with_a_clear_reason()
+    public async Task Near_dedup_over_eight_partitions_and_two_hosts_gives_the_single_pass_output_byte_for_byte()
     {
-        using var pipeline = new TestPipeline(azurite, settings: Settings);
-        var (run, _) = await IngestAsync(pipeline, $"{{\"text\":\"one {Guid.NewGuid():n}\",\"label\":1}}\n{{\"text\":\"two\",\"label\":0}}\n");
-        await pipeline.Preprocess.HandleAsync(new PreprocessRequest(run.DatasetId!, "", Spec("""{"partitions":4,"dedup":{"mode":"near"}}""")), run.RunId, 1, CancellationToken.None);
-        var failed = (await pipeline.Runs.GetAsync(run.RunId))!;
-        Assert.Equal(RunStatus.Failed, failed.Status);
-        Assert.Equal(PreprocessErrorCodes.InvalidRecipe, failed.ErrorCode);
-        Assert.Contains("near-duplicate dedup is prepared in a single pass", failed.Error);
+        const string preprocess = """{"dedup":{"mode":"near","threshold":0.7},"shardRecords":400}""";
+        using var first = new TestPipeline(azurite, settings: Settings);
+        using var second = new TestPipeline(azurite, settings: Settings);
+        var (run, dataset) = await IngestAsync(first, SentencesWithDuplicates(near: true));
+        await first.Preprocess.HandleAsync(new PreprocessRequest(run.DatasetId!, "", Spec(preprocess[..^1] + ""","partitions":8}""")), run.RunId, 1, CancellationToken.None);
+        var plan = await PlanAsync(first, run.DatasetId!);
+        Assert.Equal(8 * 4, plan.NearBuckets);
+
+        // Two hosts take the partitions, then the buckets, attach and verify parts, from one queue at once.
+        using var started = new Barrier(2);
+        var handled = await Task.WhenAll(Task.Run(() => DeliverPartitionsAsync(first, take: 2, started)), Task.Run(() => DeliverPartitionsAsync(second, take: 2, started)));
+        // Two hosts finishing a step's last parts together may both send the next step: a second message finds the part done.
+        Assert.True(handled.Sum() >= 8 + plan.NearBuckets + 8 + 8, $"{handled.Sum()} messages handled");
+        Assert.All(handled, n => Assert.True(n > 0, $"each host takes parts: {string.Join(", ", handled)}"));
+
+        var done = (await first.Runs.GetAsync(run.RunId))!;
+        Assert.True(done.Status == RunStatus.Succeeded, done.Error ?? done.LastError);
+        Assert.Equal(8, done.GetCounts()["preprocessNearPartsDone"]);
+        var (manifest, stats) = await PreparedAsync(first, done);
+        var (singleShards, singleStats) = await SinglePassAsync(dataset, preprocess);
+        Assert.Equal(singleShards, Describe(manifest.Shards));
+        Assert.Equal(singleStats, stats);
+
+        var parsed = JsonSerializer.Deserialize(stats, PreprocessJson.Default.PreparedStats)!;
+        Assert.Equal(parsed.RecordsRead, parsed.Train.Records + parsed.Validation.Records + parsed.ExactDuplicatesRemoved + parsed.NearDuplicatesRemoved);
+        Assert.True(parsed.ExactDuplicatesRemoved >= 300 + 40 * 3, $"{parsed.ExactDuplicatesRemoved} exact duplicates removed");
+        // 100 planted (80 copies, 20 copies of copies); the sentences may hold a few near pairs of their own.
+        Assert.InRange(parsed.NearDuplicatesRemoved, 99, 130);
+        var nearSamples = parsed.DuplicateSamples.Where(s => s.Similarity < 1).ToList();
+        Assert.NotEmpty(nearSamples);
+        Assert.All(nearSamples, s => Assert.True(s.KeptLine < s.RemovedLine && s.Similarity >= 0.7 && s.Kept.Length > 0 && s.Removed.Length > 0, $"{s}"));
+    }
+
+    [Fact]
+    public async Task A_near_duplicate_cluster_keeps_its_first_record_whatever_order_its_pairs_are_found_in()
+    {
+        // b ~ a and c ~ b, but c is not near a: one cluster through b, so a alone is kept, in the single pass as in partitions.
+        var clusters = new NearDuplicateClusters();
+        clusters.Add(7, 9, 0.8);
+        clusters.Add(3, 9, 0.9);
+        clusters.Add(12, 3, 0.75);
+        var removed = clusters.Removals();
+        Assert.Equal([7, 9, 12], removed.Keys.Order());
+        Assert.All(removed.Values, r => Assert.Equal(3, r.KeptLine));
+        Assert.Equal(0.9, removed[9].Similarity);
     }
 
     private static PreprocessHandler HandlerWith(TestPipeline pipeline, ILoggerProvider logs)

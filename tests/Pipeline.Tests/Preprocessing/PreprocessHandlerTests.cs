@@ -241,8 +241,8 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
         foreach (var parallelism in new[] { 1, 3 })
         {
             var builder = new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = parallelism, BatchRecords = 97 });
-            var records = (await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync()).Value.Content;
-            var build = await builder.BuildAsync(records, dataset, datasets, $"determinism-{Guid.NewGuid():n}/", null, CancellationToken.None);
+            var records = datasets.GetBlobClient(dataset.Records);
+            var build = await builder.BuildAsync(async token => (await records.DownloadStreamingAsync(cancellationToken: token)).Value.Content, dataset, datasets, $"determinism-{Guid.NewGuid():n}/", null, CancellationToken.None);
             Assert.True(build.Shards.Count >= 3);
             hashes.Add(string.Join(',', build.Shards.Select(s => s.Sha256)));
         }

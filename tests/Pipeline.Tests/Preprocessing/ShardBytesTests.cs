@@ -44,8 +44,8 @@ public sealed class ShardBytesTests(Azurite azurite) : IClassFixture<Azurite>
         foreach (var parallelism in new[] { 1, 2 })
         {
             var builder = new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = parallelism, BatchRecords = 61 });
-            await using var records = (await datasets.GetBlobClient(dataset.Records).DownloadStreamingAsync()).Value.Content;
-            var build = await builder.BuildAsync(records, dataset, datasets, $"pinned-{Guid.NewGuid():n}/", null, CancellationToken.None);
+            var records = datasets.GetBlobClient(dataset.Records);
+            var build = await builder.BuildAsync(async token => (await records.DownloadStreamingAsync(cancellationToken: token)).Value.Content, dataset, datasets, $"pinned-{Guid.NewGuid():n}/", null, CancellationToken.None);
             var actual = string.Join(',', build.Shards.Select(s => $"{s.Split}:{s.Records}:{s.Sha256[..16]}"));
             Assert.True(expected == actual, $"{input} {recipeJson} (parallelism {parallelism}): expected {expected}, got {actual}");
         }
