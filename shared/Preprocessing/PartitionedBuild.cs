@@ -94,6 +94,9 @@ internal sealed class PartitionedBuild(
     private const string AssembleLock = "preprocess-assemble";
     private const string PlanLock = "preprocess-plan";
 
+    // The parts this instance works on at once (a host takes a batch of messages; each part uses every core and a partition's memory).
+    private readonly SemaphoreSlim _slots = new(Math.Max(1, options.PartsPerInstance));
+
     private PartitionFiles Files(string datasetId, string preparedId) => new(storage.Container(StorageNames.Containers.Datasets), datasetId, preparedId);
 
     /// <summary>
@@ -251,10 +254,25 @@ internal sealed class PartitionedBuild(
         var label = step is null ? $"Partition {request.Partition} of {plan.PreparedId}" : $"Near-dedup {step} part {request.Partition} of {plan.PreparedId}";
         var part = new StageRun(new RunRecord { RunId = plan.RunId }, Stages.Preprocess, dequeueCount, logger) { Part = label };
         var lockName = step is null ? $"preprocess-partition-{request.Partition:00000}" : $"preprocess-{step}-{request.Partition:00000}";
-        if (await transitions.RunPartOnceAsync(part, plan.PreparedId, lockName, files.Done(step, request.Partition),
-            (clock, token) => step is null
-                ? BuildAsync(files, plan, request.Partition, dequeueCount, clock, token)
-                : NearStepAsync(files, plan, step, request.Partition, dequeueCount, clock, token), cancellationToken) == PartOutcome.Stopped)
+        if (await transitions.RunPartOnceAsync(part, plan.PreparedId, lockName, files.Done(step, request.Partition), async (clock, token) =>
+            {
+                if (!_slots.Wait(0, CancellationToken.None))
+                {
+                    // Memory per instance stays one part's: the message goes back for an instance with a free slot (uncounted: the work is live).
+                    throw new RunBusyException($"This instance is already working on {options.PartsPerInstance} part(s) of a partitioned build ({PreprocessingOptions.Section}:PartsPerInstance); {label} waits for a free instance.") { WaitsOnLiveRun = true };
+                }
+
+                try
+                {
+                    await (step is null
+                        ? BuildAsync(files, plan, request.Partition, dequeueCount, clock, token)
+                        : NearStepAsync(files, plan, step, request.Partition, dequeueCount, clock, token));
+                }
+                finally
+                {
+                    _slots.Release();
+                }
+            }, cancellationToken) == PartOutcome.Stopped)
         {
             return;
         }
@@ -462,5 +480,37 @@ internal sealed class PartitionedBuild(
         }
 
         await commit.FinishRunAsync(plan.Request, plan.RunId, manifest, report, DateTimeOffset.UtcNow - plan.CreatedAt, cancellationToken);
+        await CleanUpAsync(files, cancellationToken);
+    }
+
+    /// <summary>
+    /// Once the manifest is written, the partitions' inputs, kept records and near-dedup files (about the
+    /// dataset's size again, several times with near dedup) are deleted. The plan and the done markers stay:
+    /// a late duplicate message finds its part done and the stage finished, and they record how the build went.
+    /// </summary>
+    private async Task CleanUpAsync(PartitionFiles files, CancellationToken cancellationToken)
+    {
+        var deleted = 0;
+        await foreach (var item in files.Container.GetBlobsAsync(BlobTraits.None, BlobStates.None, files.Prefix, cancellationToken))
+        {
+            var name = item.Name[files.Prefix.Length..];
+            if (name == "plan.json" || name.StartsWith("done/", StringComparison.Ordinal) || name.StartsWith("near/done/", StringComparison.Ordinal))
+            {
+                continue;
+            }
+
+            try
+            {
+                await files.Container.GetBlobClient(item.Name).DeleteIfExistsAsync(cancellationToken: cancellationToken);
+                deleted++;
+            }
+            catch (Azure.RequestFailedException e)
+            {
+                // Left for the storage account's lifecycle rules: the prepared dataset is complete without it.
+                logger.LogWarning(e, "Could not delete {Blob} after the build; it is no longer needed", item.Name);
+            }
+        }
+
+        logger.LogInformation("Deleted {Count} intermediate files of {Prefix}", deleted, files.Prefix);
     }
 }

@@ -703,6 +703,11 @@ public sealed class PreprocessingOptions
     public int UploadBlockBytes { get; set; } = 8 * 1024 * 1024;
     /// <summary>Block size of the planner's partition uploads (it holds one block per partition). Default 1 MiB.</summary>
     public int PartitionBlockBytes { get; set; } = 1024 * 1024;
+    /// <summary>
+    /// Parts of partitioned builds (partitions, near-dedup parts) one instance works on at once; a message for
+    /// another goes back to the queue for a free instance, so an instance's memory is one part's. Default 1.
+    /// </summary>
+    public int PartsPerInstance { get; set; } = 1;
 
     public int EffectiveParallelism => Parallelism > 0 ? Parallelism : Environment.ProcessorCount;
 }

@@ -472,6 +472,13 @@ public sealed class PartitionedPreprocessTests(Azurite azurite) : IClassFixture<
         var nearSamples = parsed.DuplicateSamples.Where(s => s.Similarity < 1).ToList();
         Assert.NotEmpty(nearSamples);
         Assert.All(nearSamples, s => Assert.True(s.KeptLine < s.RemovedLine && s.Similarity >= 0.7 && s.Kept.Length > 0 && s.Removed.Length > 0, $"{s}"));
+
+        // The intermediate files are deleted once the manifest is written; the plan and the done markers stay.
+        var prefix = PreparedPaths.Folder(run.DatasetId!, plan.PreparedId) + "_partitions/";
+        var left = (await first.ListAsync(StorageNames.Containers.Datasets, prefix)).Select(n => n[prefix.Length..]).ToList();
+        Assert.Contains("plan.json", left);
+        Assert.Equal(8 + 8 + plan.NearBuckets + 8, left.Count(n => n.StartsWith("done/", StringComparison.Ordinal) || n.StartsWith("near/done/", StringComparison.Ordinal)));
+        Assert.All(left, n => Assert.True(n == "plan.json" || n.StartsWith("done/", StringComparison.Ordinal) || n.StartsWith("near/done/", StringComparison.Ordinal), n));
     }
 
     [Fact]
