@@ -110,12 +110,12 @@ start_host() {
   local port tries=0
   port=$(free_port)
   Pipeline__FineTune__Local__TrainerPath="${Pipeline__FineTune__Local__TrainerPath:-$TRAINER}" \
-    dotnet "$LOCAL_HOST" --app "$FUNCTION_APP" --Pipeline:LocalHost:Port="$port" >"$RUN_DIR/host.log" 2>&1 &
+    dotnet "$LOCAL_HOST" --app "$FUNCTION_APP" --Pipeline:LocalHost:Port="$port" >"${HOST_LOG:-$RUN_DIR/host.log}" 2>&1 &
   PIDS+=($!)
   until host_ready "$port"; do
-    kill -0 "${PIDS[-1]}" 2>/dev/null || die "the local host exited while starting; its log: $(tail -n 20 "$RUN_DIR/host.log")"
+    kill -0 "${PIDS[-1]}" 2>/dev/null || die "the local host exited while starting; its log: $(tail -n 20 "${HOST_LOG:-$RUN_DIR/host.log}")"
     tries=$((tries + 1))
-    [[ $tries -gt 450 ]] && die "the local host's worker was not ready after 90 s (see $RUN_DIR/host.log)"
+    [[ $tries -gt 450 ]] && die "the local host's worker was not ready after 90 s (see ${HOST_LOG:-$RUN_DIR/host.log})"
     sleep 0.2
   done
   HOST_PORT=$port

@@ -191,7 +191,17 @@ public static class PreprocessScaleBench
     /// Canonical records (as ingestion writes them) of generated sentences; one in <see cref="DuplicateEvery"/>
     /// is a copy of an earlier record with its white space changed. Returns the planted copies and the label counts.
     /// </summary>
-    private static (long PlantedExact, long PlantedNear, Dictionary<string, long> Labels) Generate(int records, string path)
+    /// <summary>
+    /// <c>generate-scale &lt;records&gt; &lt;path&gt;</c>: the same generated records as a file to drop into <c>incoming</c>
+    /// (<c>{"text","label"}</c> lines, no line numbers), for <c>scripts/scale-check.sh</c>.
+    /// </summary>
+    public static void GenerateFile(int records, string path)
+    {
+        var (exact, near, _) = Generate(records, path, canonical: false);
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture, $"{records} records, {new FileInfo(path).Length} bytes, {exact} planted exact duplicates, {near} planted near duplicates"));
+    }
+
+    private static (long PlantedExact, long PlantedNear, Dictionary<string, long> Labels) Generate(int records, string path, bool canonical = true)
     {
         var random = new Random(20261201);
         var words = Enumerable.Range(0, 5000).Select(i => Word(random)).ToArray();
@@ -243,8 +253,12 @@ public static class PreprocessScaleBench
             output.Write(JsonSerializer.Serialize(sentence));
             output.Write(",\"label\":");
             output.Write(label);
-            output.Write(",\"line\":");
-            output.Write(line);
+            if (canonical)
+            {
+                output.Write(",\"line\":");
+                output.Write(line);
+            }
+
             output.Write("}\n");
         }
 

@@ -3,6 +3,7 @@ using Pipeline.Bench;
 // dotnet run -c Release --project bench/Pipeline.Bench -- ingest [sizeMB ...]        (default: 64 256)
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess [records]      (default: 200000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- preprocess-scale [records ...] (default: 1000000 10000000; a child process per partition)
+// dotnet run -c Release --project bench/Pipeline.Bench -- generate-scale <records> <path> (the scale benchmark's records as a file to ingest)
 // dotnet run -c Release --project bench/Pipeline.Bench -- neardup [records ...]     (default: 10000 100000 1000000)
 // dotnet run -c Release --project bench/Pipeline.Bench -- infer [real] [rows]       (default: 20000; real: the pretrained MiniLM classifier)
 // dotnet run -c Release --project bench/Pipeline.Bench -- finetune ['{fineTune json}']  (the real encoder: the starter all-MiniLM-L6-v2)
@@ -12,7 +13,7 @@ using Pipeline.Bench;
 ThreadPool.GetMinThreads(out var workers, out var io);
 ThreadPool.SetMinThreads(Math.Max(workers, Environment.ProcessorCount * 4), io);
 var mode = args.Length > 0 ? args[0] : "ingest";
-var numbers = mode is "finetune" or "preprocess-scale-partition" ? [] : args.Skip(1).Where(a => a != "real").Select(int.Parse).ToArray();
+var numbers = mode is "finetune" or "preprocess-scale-partition" or "generate-scale" ? [] : args.Skip(1).Where(a => a != "real").Select(int.Parse).ToArray();
 switch (mode)
 {
     case "ingest":
@@ -23,6 +24,9 @@ switch (mode)
         break;
     case "preprocess-scale":
         await PreprocessScaleBench.RunAsync(numbers.Length > 0 ? numbers : [1_000_000, 10_000_000]);
+        break;
+    case "generate-scale":
+        PreprocessScaleBench.GenerateFile(int.Parse(args[1], System.Globalization.CultureInfo.InvariantCulture), args[2]);
         break;
     case "preprocess-scale-partition":
         await PreprocessScaleBench.PartitionAsync(args[1..]);
