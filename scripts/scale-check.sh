@@ -35,8 +35,19 @@ for ((i = 1; i <= HOSTS; i++)); do
   HOST_PIDS+=("${PIDS[-1]}")
 done
 
-say "Submitting scale.jsonl ($(du -h "$DATA/scale.jsonl" | cut -f1)), spec: $(cat "$DATA/scale.pipeline.json")"
 started=$(date +%s)
+# Each worker's resident memory every 5 s, for where the peak came from (elapsed seconds, one column a host).
+( while sleep 5; do
+    line="$(($(date +%s) - started))"
+    for pid in "${HOST_PIDS[@]}"; do
+      worker=$(pgrep -P "$pid" | head -n 1 || true)
+      line+=" $([[ -n "$worker" ]] && awk '/VmRSS/ {printf "%.0f", $2 / 1024}' "/proc/$worker/status" 2>/dev/null || echo -)"
+    done
+    echo "$line"
+  done >"$RUN_DIR/rss.log" ) &
+PIDS+=($!)
+
+say "Submitting scale.jsonl ($(du -h "$DATA/scale.jsonl" | cut -f1)), spec: $(cat "$DATA/scale.pipeline.json")"
 status=0
 pipeline submit "$DATA/scale.jsonl" --spec "$DATA/scale.pipeline.json" --wait --timeout 5400 || status=$?
 say "The run ended after $(($(date +%s) - started)) s (exit code $status)"
@@ -50,7 +61,7 @@ for ((i = 1; i <= HOSTS; i++)); do
   peak=$([[ -n "$worker" ]] && awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$worker/status" || echo "unknown")
   printf 'host %d: %s partitions, %s near-dedup parts, assembly %s; worker peak resident memory %s\n' "$i" \
     "$(grep -cE 'Partition [0-9]+ of pp-[0-9a-z]+: [0-9]+ records' "$log" || true)" \
-    "$(grep -cE 'Near-dedup (buckets|attach|verify) part [0-9]+ of' "$log" || true)" \
+    "$(grep -cE 'Near-dedup (buckets|attach|verify) part [0-9]+ of pp-[0-9a-z]+: [0-9]+ pairs' "$log" || true)" \
     "$(grep -qE 'assembled from [0-9]+ partitions' "$log" && echo yes || echo no)" "$peak"
 done
 exit "$status"

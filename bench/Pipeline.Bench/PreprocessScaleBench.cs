@@ -310,6 +310,8 @@ public static class PreprocessScaleBench
         public override Task<Stream> OpenReadAsync(string name, CancellationToken cancellationToken) =>
             Task.FromResult<Stream>(File.OpenRead(Path.Combine(folder, name)));
 
+        public override Task<long> SizeAsync(string name, CancellationToken cancellationToken) => Task.FromResult(new FileInfo(Path.Combine(folder, name)).Length);
+
         public override async IAsyncEnumerable<string> ListAsync(string prefix, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken)
         {
             await Task.CompletedTask;

@@ -14,6 +14,8 @@ public abstract class PartStore
 
     public abstract Task<Stream> OpenReadAsync(string name, CancellationToken cancellationToken);
 
+    public abstract Task<long> SizeAsync(string name, CancellationToken cancellationToken);
+
     /// <summary>The names of the files under <paramref name="prefix"/>.</summary>
     public abstract IAsyncEnumerable<string> ListAsync(string prefix, CancellationToken cancellationToken);
 }
@@ -114,32 +116,60 @@ public static class NearDedupSteps
     /// <summary>Step 2: one bucket's candidate pairs, each sent to the partition holding the group's first record.</summary>
     public static async Task<long> BucketAsync(PartStore store, int bucket, int partitions, CancellationToken cancellationToken)
     {
-        var entries = new List<(ulong Key, long Line, int Partition)>();
-        var entry = new byte[16];
+        // One array of exactly the bucket's size, rented: an instance doing bucket after bucket reuses it instead of
+        // leaving a list's discarded growth arrays (hundreds of MB of large-object garbage) behind each one.
+        long total = 0;
         for (var p = 0; p < partitions; p++)
         {
-            await using var input = new BufferedStream(await store.OpenReadAsync(Bands(bucket, p), cancellationToken), 64 << 10);
-            while (await ReadOrEndAsync(input, entry, cancellationToken))
-            {
-                entries.Add((BinaryPrimitives.ReadUInt64LittleEndian(entry), BinaryPrimitives.ReadInt64LittleEndian(entry.AsSpan(8)), p));
-            }
+            total += await store.SizeAsync(Bands(bucket, p), cancellationToken) / 16;
         }
 
-        entries.Sort((a, b) => a.Key != b.Key ? a.Key.CompareTo(b.Key) : a.Line.CompareTo(b.Line));
+        var rented = System.Buffers.ArrayPool<(ulong Key, long Line, int Partition)>.Shared.Rent((int)Math.Max(1, total));
+        try
+        {
+            var count = 0;
+            var entry = new byte[16];
+            for (var p = 0; p < partitions; p++)
+            {
+                await using var input = new BufferedStream(await store.OpenReadAsync(Bands(bucket, p), cancellationToken), 64 << 10);
+                while (await ReadOrEndAsync(input, entry, cancellationToken))
+                {
+                    if (count == rented.Length)
+                    {
+                        throw new InvalidDataException($"Bucket {bucket}'s band files grew while it was read; it is read again on the message's retry.");
+                    }
+
+                    rented[count++] = (BinaryPrimitives.ReadUInt64LittleEndian(entry), BinaryPrimitives.ReadInt64LittleEndian(entry.AsSpan(8)), p);
+                }
+            }
+
+            var entries = rented.AsMemory(0, count);
+            entries.Span.Sort((a, b) => a.Key != b.Key ? a.Key.CompareTo(b.Key) : a.Line.CompareTo(b.Line));
+            return await PairAsync(store, bucket, entries, cancellationToken);
+        }
+        finally
+        {
+            System.Buffers.ArrayPool<(ulong Key, long Line, int Partition)>.Shared.Return(rented);
+        }
+    }
+
+    /// <summary>In each run of sorted entries sharing a key, every member but the first is paired with the first, sent to the first's partition.</summary>
+    private static async Task<long> PairAsync(PartStore store, int bucket, ReadOnlyMemory<(ulong Key, long Line, int Partition)> sorted, CancellationToken cancellationToken)
+    {
         var outputs = new Dictionary<int, BufferedStream>();
         long pairs = 0;
         try
         {
             var pair = new byte[20];
-            for (var start = 0; start < entries.Count;)
+            for (var start = 0; start < sorted.Length;)
             {
                 var end = start + 1;
-                while (end < entries.Count && entries[end].Key == entries[start].Key)
+                while (end < sorted.Length && sorted.Span[end].Key == sorted.Span[start].Key)
                 {
                     end++;
                 }
 
-                var first = entries[start];
+                var first = sorted.Span[start];
                 for (var i = start + 1; i < end; i++)
                 {
                     if (!outputs.TryGetValue(first.Partition, out var output))
@@ -147,9 +177,10 @@ public static class NearDedupSteps
                         output = outputs[first.Partition] = new BufferedStream(await store.CreateAsync(Pairs(first.Partition, bucket), 256 << 10, cancellationToken), 16 << 10);
                     }
 
+                    var other = sorted.Span[i];
                     BinaryPrimitives.WriteInt64LittleEndian(pair, first.Line);
-                    BinaryPrimitives.WriteInt64LittleEndian(pair.AsSpan(8), entries[i].Line);
-                    BinaryPrimitives.WriteInt32LittleEndian(pair.AsSpan(16), entries[i].Partition);
+                    BinaryPrimitives.WriteInt64LittleEndian(pair.AsSpan(8), other.Line);
+                    BinaryPrimitives.WriteInt32LittleEndian(pair.AsSpan(16), other.Partition);
                     await output.WriteAsync(pair, cancellationToken);
                     pairs++;
                 }

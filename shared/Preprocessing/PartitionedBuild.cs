@@ -63,6 +63,9 @@ internal sealed class BlobPartStore(BlobContainerClient container, string prefix
     public override async Task<Stream> OpenReadAsync(string name, CancellationToken cancellationToken) =>
         (await container.GetBlobClient(prefix + name).DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content;
 
+    public override async Task<long> SizeAsync(string name, CancellationToken cancellationToken) =>
+        (await container.GetBlobClient(prefix + name).GetPropertiesAsync(cancellationToken: cancellationToken)).Value.ContentLength;
+
     public override async IAsyncEnumerable<string> ListAsync(string prefixOfNames, [System.Runtime.CompilerServices.EnumeratorCancellation] CancellationToken cancellationToken)
     {
         await foreach (var item in container.GetBlobsAsync(BlobTraits.None, BlobStates.None, prefix + prefixOfNames, cancellationToken))
