@@ -102,7 +102,7 @@ public static class PreprocessScaleBench
         }
 
         var nearSteps = wall.Elapsed - plan - built;
-        var near = await NearDedupSteps.ClusterAsync(new FilePartStore(folder), partitions, CancellationToken.None);
+        var near = await NearDedupSteps.ClusterAsync(new FilePartStore(folder), partitions, new PreprocessingOptions().DuplicateSamples, CancellationToken.None);
         var kept = Enumerable.Range(0, partitions).Select(p => (Stream)File.OpenRead(Path.Combine(folder, $"{p:00000}.kept.bin"))).ToList();
         var build = await builder.AssembleAsync(kept, outcomes, near, dataset, new FileShardSink(folder), "prepared/", CancellationToken.None);
         foreach (var stream in kept)

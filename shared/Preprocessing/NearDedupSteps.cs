@@ -113,18 +113,22 @@ public static class NearDedupSteps
         }
     }
 
+    private static (ulong Key, long Line, int Partition)[]? _entries;
+
     /// <summary>Step 2: one bucket's candidate pairs, each sent to the partition holding the group's first record.</summary>
     public static async Task<long> BucketAsync(PartStore store, int bucket, int partitions, CancellationToken cancellationToken)
     {
-        // One array of exactly the bucket's size, rented: an instance doing bucket after bucket reuses it instead of
-        // leaving a list's discarded growth arrays (hundreds of MB of large-object garbage) behind each one.
+        // One array of the bucket's size, kept for the next bucket this instance does: bucket after bucket reuses it instead
+        // of leaving a list's discarded growth arrays (hundreds of MB of large-object garbage) behind each one.
         long total = 0;
         for (var p = 0; p < partitions; p++)
         {
             total += await store.SizeAsync(Bands(bucket, p), cancellationToken) / 16;
         }
 
-        var rented = System.Buffers.ArrayPool<(ulong Key, long Line, int Partition)>.Shared.Rent((int)Math.Max(1, total));
+        var rented = Interlocked.Exchange(ref _entries, null) is { } spare && spare.Length >= total
+            ? spare
+            : new (ulong Key, long Line, int Partition)[Math.Max(1, total + total / 8)];
         try
         {
             var count = 0;
@@ -149,7 +153,7 @@ public static class NearDedupSteps
         }
         finally
         {
-            System.Buffers.ArrayPool<(ulong Key, long Line, int Partition)>.Shared.Return(rented);
+            _entries = rented;
         }
     }
 
@@ -298,17 +302,41 @@ public static class NearDedupSteps
         return verified;
     }
 
-    /// <summary>What the clusters remove, and the excerpts of the records in verified pairs (for the duplicate sample).</summary>
+    /// <summary>What the clusters remove, and the excerpts of the records the duplicate sample names (the first removals and the records their clusters keep).</summary>
     public sealed record NearDuplicates(Dictionary<long, NearRemoval> Removed, Dictionary<long, string> Excerpts)
     {
         public static NearDuplicates None { get; } = new([], []);
     }
 
-    /// <summary>Step 5: union-find over every partition's verified pairs.</summary>
-    public static async Task<NearDuplicates> ClusterAsync(PartStore store, int partitions, CancellationToken cancellationToken)
+    /// <summary>
+    /// Step 5: union-find over every partition's verified pairs. The pairs are read twice: once for the
+    /// clusters, once for the excerpts of the records the first <paramref name="samples"/> removals name
+    /// (memory: the clusters, not every pair's text).
+    /// </summary>
+    public static async Task<NearDuplicates> ClusterAsync(PartStore store, int partitions, int samples, CancellationToken cancellationToken)
     {
         var clusters = new NearDuplicateClusters();
+        await ReadEdgesAsync(store, partitions, (first, other, similarity, _, _) => clusters.Add(first, other, similarity), cancellationToken);
+        var removed = clusters.Removals();
+        var named = removed.OrderBy(r => r.Key).Take(samples).SelectMany(r => new[] { r.Key, r.Value.KeptLine }).ToHashSet();
         var excerpts = new Dictionary<long, string>();
+        await ReadEdgesAsync(store, partitions, (first, other, _, firstExcerpt, otherExcerpt) =>
+        {
+            if (named.Contains(first))
+            {
+                excerpts[first] = firstExcerpt;
+            }
+
+            if (named.Contains(other))
+            {
+                excerpts[other] = otherExcerpt;
+            }
+        }, cancellationToken);
+        return new NearDuplicates(removed, excerpts);
+    }
+
+    private static async Task ReadEdgesAsync(PartStore store, int partitions, Action<long, long, double, string, string> edge, CancellationToken cancellationToken)
+    {
         var fixedPart = new byte[24];
         for (var p = 0; p < partitions; p++)
         {
@@ -317,13 +345,10 @@ public static class NearDedupSteps
             {
                 var first = BinaryPrimitives.ReadInt64LittleEndian(fixedPart);
                 var other = BinaryPrimitives.ReadInt64LittleEndian(fixedPart.AsSpan(8));
-                clusters.Add(first, other, BinaryPrimitives.ReadDoubleLittleEndian(fixedPart.AsSpan(16)));
-                excerpts[first] = await ReadStringAsync(input, cancellationToken);
-                excerpts[other] = await ReadStringAsync(input, cancellationToken);
+                var similarity = BinaryPrimitives.ReadDoubleLittleEndian(fixedPart.AsSpan(16));
+                edge(first, other, similarity, await ReadStringAsync(input, cancellationToken), await ReadStringAsync(input, cancellationToken));
             }
         }
-
-        return new NearDuplicates(clusters.Removals(), excerpts);
     }
 
     private static async ValueTask WriteEdgeAsync(Stream output, long first, long other, double similarity, string firstExcerpt, string otherExcerpt, CancellationToken cancellationToken)

@@ -466,7 +466,7 @@ internal sealed class PartitionedBuild(
                     kept.Add((await files.Kept(p).DownloadStreamingAsync(cancellationToken: cancellationToken)).Value.Content);
                 }
 
-                var near = plan.NearBuckets > 0 ? await NearDedupSteps.ClusterAsync(files.Store, plan.Partitions, cancellationToken) : NearDedupSteps.NearDuplicates.None;
+                var near = plan.NearBuckets > 0 ? await NearDedupSteps.ClusterAsync(files.Store, plan.Partitions, options.DuplicateSamples, cancellationToken) : NearDedupSteps.NearDuplicates.None;
                 var builder = new PreparedDatasetBuilder(recipe, tokenizer, options);
                 var build = await builder.AssembleAsync(kept, outcomes, near, dataset, ShardSink.Blobs(files.Container, options.UploadBlockBytes), files.Folder, cancellationToken);
                 (manifest, report) = await commit.WriteAsync(plan.RunId, dataset, recipe, tokenizer, plan.PreparedId, build, DateTimeOffset.UtcNow - plan.CreatedAt, cancellationToken);

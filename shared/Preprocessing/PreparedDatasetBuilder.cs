@@ -172,7 +172,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             }
         }
 
-        var roots = near.Removed.Values.Select(r => r.KeptLine).ToHashSet();
+        // The records kept by the clusters of the first removals: the sample shows their excerpts.
+        var roots = near.Removed.OrderBy(r => r.Key).Take(options.DuplicateSamples).Select(r => r.Value.KeptLine).ToHashSet();
         var rootExcerpts = new Dictionary<long, string>();
         var exact = recipe.Dedup.Mode != DedupModes.None ? new HashSet<ulong>() : null;
         var keptExcerpts = new List<(long Line, string Excerpt)>();
