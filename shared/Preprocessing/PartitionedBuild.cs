@@ -249,7 +249,7 @@ internal sealed class PartitionedBuild(
         var parts = PartsOf(plan, step);
         if (request.Partition < 0 || request.Partition >= parts)
         {
-            throw new InvalidMessageException($"The preprocess-partition message names {step ?? "partition"} {request.Partition}; {request.PreparedId} has {step ?? "partition"}s 0 to {parts - 1}.");
+            throw new InvalidMessageException($"The preprocess-partition message names part {request.Partition} of step '{step ?? "partition"}'; {request.PreparedId} has parts 0 to {parts - 1} in it.");
         }
 
         using var scope = logger.BeginScope(new Dictionary<string, object> { ["RunId"] = plan.RunId, ["PreparedId"] = plan.PreparedId, ["Partition"] = request.Partition, ["Step"] = step ?? "partition" });
