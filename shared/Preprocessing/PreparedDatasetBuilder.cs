@@ -76,7 +76,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         public uint[]? Signature;
         public string? Text;
         public long Line;
-        public long Emails, Phones, IpAddresses;
+        public RedactionCounts Redactions = new();
 
         public ReadOnlyMemory<int> Tokens => Ids.AsMemory(0, Count);
 
@@ -190,9 +190,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                 {
                     var record = batch.Results[i];
                     stats.RecordsRead++;
-                    redactions.Emails += record.Emails;
-                    redactions.Phones += record.Phones;
-                    redactions.IpAddresses += record.IpAddresses;
+                    redactions.Add(record.Redactions);
                     if (!record.Kept)
                     {
                         continue;
@@ -327,14 +325,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// One partition's heavy work: its records cleaned and tokenized, exact duplicates removed (they all
     /// meet here), and the kept ones written in source order to <paramref name="kept"/> for the assembly.
     /// Memory: one dedup entry per distinct record of the partition, and the excerpts of its first
-    /// <see cref="PreprocessingOptions.DuplicateSampleSources"/> kept records.
-    /// </summary>
-    public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken) =>
-        await BuildPartitionAsync(partition, records, dataset, kept, null, progress, cancellationToken);
-
-    /// <summary>
-    /// <inheritdoc cref="BuildPartitionAsync(int, Stream, DatasetManifest, Stream, Func{BuildProgress, ValueTask}?, CancellationToken)"/>
-    /// With near dedup, each kept record's signature and band keys also go to <paramref name="near"/> (the first of the near-dedup steps).
+    /// <see cref="PreprocessingOptions.DuplicateSampleSources"/> kept records. With near dedup, each kept
+    /// record's signature and band keys also go to <paramref name="near"/> (the first of the near-dedup steps).
     /// </summary>
     public async Task<PartitionOutcome> BuildPartitionAsync(int partition, Stream records, DatasetManifest dataset, Stream kept, NearDedupSteps.PartitionWriter? near, Func<BuildProgress, ValueTask>? progress, CancellationToken cancellationToken)
     {
@@ -348,6 +340,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var firstLines = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, long>() : null;
         var excerpts = new Dictionary<long, string>();
         var outcome = new PartitionOutcome { Partition = partition };
+        var redactions = new RedactionCounts();
         long tokens = 0;
         await using var writer = new KeptRecords.Writer(kept);
         await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, hasher), async batch =>
@@ -356,9 +349,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             {
                 var record = batch.Results[i];
                 outcome.RecordsRead++;
-                outcome.Emails += record.Emails;
-                outcome.Phones += record.Phones;
-                outcome.IpAddresses += record.IpAddresses;
+                redactions.Add(record.Redactions);
                 if (!record.Kept)
                 {
                     continue;
@@ -398,6 +389,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             }
         }, cancellationToken);
         await writer.CompleteAsync(cancellationToken);
+        (outcome.Emails, outcome.Phones, outcome.IpAddresses) = (redactions.Emails, redactions.Phones, redactions.IpAddresses);
         return outcome;
     }
 
@@ -405,14 +397,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// The assembly of a partitioned build: the partitions' kept records merged back into source order
     /// (each partition is in source order, so a k-way merge streams them), then split, packed and written
     /// by the same code as the single pass, so shards and statistics are the same bytes. Memory: one
-    /// record per partition, plus what the split and the shard writers hold.
-    /// </summary>
-    public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken) =>
-        await AssembleAsync(kept, outcomes, NearDedupSteps.NearDuplicates.None, dataset, output, folder, cancellationToken);
-
-    /// <summary>
-    /// <inheritdoc cref="AssembleAsync(IReadOnlyList{Stream}, IReadOnlyList{PartitionOutcome}, DatasetManifest, ShardSink, string, CancellationToken)"/>
-    /// Records that <paramref name="near"/> removes (the near-dedup clusters) are left out as they are met.
+    /// record per partition, plus what the split and the shard writers hold. Records that <paramref name="near"/>
+    /// removes (the near-dedup clusters) are left out as they are met.
     /// </summary>
     public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, NearDedupSteps.NearDuplicates near, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken)
     {
@@ -604,9 +590,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             tokenizer.Encode(rendered, ids);
         }
 
-        result.Emails = counts.Emails;
-        result.Phones = counts.Phones;
-        result.IpAddresses = counts.IpAddresses;
+        result.Redactions = counts;
         if (rendered.Length == 0 || string.IsNullOrWhiteSpace(rendered))
         {
             return;
