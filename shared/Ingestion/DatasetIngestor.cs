@@ -86,7 +86,7 @@ public sealed class DatasetIngestor
         long pendingLine = 0;
         var skipHeader = detected.HasHeader == true;
 
-        while (await reader.ReadLineAsync(cancellationToken))
+        while (reader.TryReadLine() || await reader.ReadLineAsync(cancellationToken))
         {
             state.Lines++;
             if (reader.LineTooLong)

@@ -5,9 +5,12 @@ using System.Text.Unicode;
 namespace Pipeline.Ingestion;
 
 /// <summary>
-/// Validates one JSON Lines record and writes its canonical form. Works on the line's bytes with
-/// <see cref="Utf8JsonReader"/>: string values are copied through in their original (valid) JSON
-/// escaping, so the hot path allocates nothing per record.
+/// Validates one JSON Lines record and writes its canonical form. Works on the line's bytes: string
+/// values are copied through in their original (valid) JSON escaping, so the hot path allocates nothing
+/// per record. A flat object (string values without escapes, numbers, true, false, null: the shape of
+/// almost every record) is read by a one-pass scanner of its own; anything else (nesting, escapes,
+/// anything the scanner does not accept) goes to <see cref="Utf8JsonReader"/>, which also words every
+/// error, so the two paths give the same fields for the same line.
 /// </summary>
 public sealed class JsonlRecordParser
 {
@@ -19,8 +22,17 @@ public sealed class JsonlRecordParser
     private readonly List<(Range Role, Range Content, Range? Name)> _messages = new(8);
     private byte[] _scratch = new byte[4096];
 
+    private readonly bool _flatScanner;
+
     public JsonlRecordParser(string kind, string? textField, string? labelField)
+        : this(kind, textField, labelField, flatScanner: true)
     {
+    }
+
+    /// <summary><paramref name="flatScanner"/> false reads every line with <see cref="Utf8JsonReader"/> (the tests compare the two paths).</summary>
+    internal JsonlRecordParser(string kind, string? textField, string? labelField, bool flatScanner)
+    {
+        _flatScanner = flatScanner;
         _kind = kind;
         _textName = Encoding.UTF8.GetBytes(textField ?? "text");
         _anyTextAlias = textField is null;
@@ -43,7 +55,7 @@ public sealed class JsonlRecordParser
             return new RecordError(lineNumber, RecordErrorCodes.InvalidUtf8, $"invalid UTF-8 at byte {Utf8Text.FirstInvalidByte(line)} of the line");
         }
 
-        if (!ReadFields(line, lineNumber, out var error))
+        if (!(_flatScanner && ScanFlatObject(line, _fields)) && !ReadFields(line, lineNumber, out var error))
         {
             return error;
         }
@@ -131,6 +143,183 @@ public sealed class JsonlRecordParser
             error = new RecordError(lineNumber, RecordErrorCodes.MalformedJson, $"malformed JSON: {e.Message}");
             return false;
         }
+    }
+
+    /// <summary>
+    /// Reads the members of a one-level object whose values are strings without escapes, numbers, true,
+    /// false or null into <paramref name="fields"/>, as <see cref="ReadFields"/> would, in one pass over
+    /// the bytes. Returns false, leaving the line to <see cref="ReadFields"/>, on anything else: a
+    /// backslash anywhere, a nested value, or anything JSON does not allow (a control character in a
+    /// string, a number outside the grammar, a trailing comma, content after the object).
+    /// </summary>
+    private static bool ScanFlatObject(ReadOnlySpan<byte> line, List<Field> fields)
+    {
+        fields.Clear();
+        if (line.IndexOf((byte)'\\') >= 0)
+        {
+            return false;
+        }
+
+        var i = SkipWhiteSpace(line, 0);
+        if (i >= line.Length || line[i] != (byte)'{')
+        {
+            return false;
+        }
+
+        i = SkipWhiteSpace(line, i + 1);
+        if (i < line.Length && line[i] == (byte)'}')
+        {
+            return SkipWhiteSpace(line, i + 1) == line.Length;
+        }
+
+        while (true)
+        {
+            if (i >= line.Length || line[i] != (byte)'"')
+            {
+                return false;
+            }
+
+            var nameStart = i + 1;
+            var nameEnd = StringEnd(line, nameStart);
+            if (nameEnd < 0)
+            {
+                return false;
+            }
+
+            i = SkipWhiteSpace(line, nameEnd + 1);
+            if (i >= line.Length || line[i] != (byte)':')
+            {
+                return false;
+            }
+
+            i = SkipWhiteSpace(line, i + 1);
+            if (i >= line.Length)
+            {
+                return false;
+            }
+
+            var valueStart = i;
+            JsonTokenType type;
+            switch (line[i])
+            {
+                case (byte)'"':
+                    i = StringEnd(line, i + 1) + 1;
+                    type = JsonTokenType.String;
+                    break;
+                case (byte)'t':
+                    i = line[i..].StartsWith("true"u8) ? i + 4 : 0;
+                    type = JsonTokenType.True;
+                    break;
+                case (byte)'f':
+                    i = line[i..].StartsWith("false"u8) ? i + 5 : 0;
+                    type = JsonTokenType.False;
+                    break;
+                case (byte)'n':
+                    i = line[i..].StartsWith("null"u8) ? i + 4 : 0;
+                    type = JsonTokenType.Null;
+                    break;
+                default:
+                    i = NumberEnd(line, i);
+                    type = JsonTokenType.Number;
+                    break;
+            }
+
+            if (i <= valueStart)
+            {
+                return false;
+            }
+
+            fields.Add(new Field(nameStart, nameEnd - nameStart, type, valueStart, i, Escaped: false));
+            i = SkipWhiteSpace(line, i);
+            if (i >= line.Length)
+            {
+                return false;
+            }
+
+            if (line[i] == (byte)'}')
+            {
+                return SkipWhiteSpace(line, i + 1) == line.Length;
+            }
+
+            if (line[i] != (byte)',')
+            {
+                return false;
+            }
+
+            i = SkipWhiteSpace(line, i + 1);
+        }
+    }
+
+    private static int SkipWhiteSpace(ReadOnlySpan<byte> line, int i)
+    {
+        while (i < line.Length && line[i] is (byte)' ' or (byte)'\t' or (byte)'\r' or (byte)'\n')
+        {
+            i++;
+        }
+
+        return i;
+    }
+
+    /// <summary>The index of the quote that closes a string starting at <paramref name="start"/> (the line has no backslash), or -1 when there is none or a control character comes first.</summary>
+    private static int StringEnd(ReadOnlySpan<byte> line, int start)
+    {
+        var length = line[start..].IndexOf((byte)'"');
+        return length < 0 || line.Slice(start, length).IndexOfAnyInRange((byte)0, (byte)0x1F) >= 0 ? -1 : start + length;
+    }
+
+    /// <summary>The end of the JSON number starting at <paramref name="i"/> (-?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)?), or -1 when none starts there.</summary>
+    private static int NumberEnd(ReadOnlySpan<byte> line, int i)
+    {
+        if (i < line.Length && line[i] == (byte)'-')
+        {
+            i++;
+        }
+
+        if (i >= line.Length || !char.IsAsciiDigit((char)line[i]))
+        {
+            return -1;
+        }
+
+        i = line[i] == (byte)'0' ? i + 1 : Digits(line, i);
+        if (i < line.Length && line[i] == (byte)'.')
+        {
+            var fraction = Digits(line, i + 1);
+            if (fraction == i + 1)
+            {
+                return -1;
+            }
+
+            i = fraction;
+        }
+
+        if (i < line.Length && line[i] is (byte)'e' or (byte)'E')
+        {
+            i++;
+            if (i < line.Length && line[i] is (byte)'+' or (byte)'-')
+            {
+                i++;
+            }
+
+            var exponent = Digits(line, i);
+            if (exponent == i)
+            {
+                return -1;
+            }
+
+            i = exponent;
+        }
+
+        return i;
+    }
+
+    private static int Digits(ReadOnlySpan<byte> line, int i)
+    {
+        while (i < line.Length && char.IsAsciiDigit((char)line[i]))
+        {
+            i++;
+        }
+
+        return i;
     }
 
     private int Find(ReadOnlySpan<byte> line, ReadOnlySpan<byte> name)

@@ -59,6 +59,26 @@ public sealed class LineReader : IDisposable
         _scan = Math.Max(_scan, _start);
     }
 
+    /// <summary>
+    /// The next line when it is in the buffer already, without the cost of an asynchronous call (most
+    /// lines); false means <see cref="ReadLineAsync"/> must read on (a buffer refill, a long line, the end).
+    /// </summary>
+    public bool TryReadLine()
+    {
+        var found = _buffer.AsSpan(_scan, _end - _scan).IndexOf((byte)'\n');
+        if (found < 0)
+        {
+            // Scanned already: ReadLineAsync goes on from here.
+            _scan = _end;
+            return false;
+        }
+
+        var newline = _scan + found;
+        SetLine(newline, 0);
+        _start = _scan = newline + 1;
+        return true;
+    }
+
     public async ValueTask<bool> ReadLineAsync(CancellationToken cancellationToken)
     {
         long skipped = 0;
