@@ -77,6 +77,8 @@ public sealed class DatasetIngestor
         var state = new State(_options, settings, records, errors);
         var clock = Stopwatch.StartNew();
         var lastProgress = TimeSpan.Zero;
+        // The clock is read only when the reader has taken in more bytes (once a buffer, not once a record).
+        var bytesAtLastCheck = 0L;
 
         var jsonl = detected.Format == DataFormats.Jsonl ? new JsonlRecordParser(detected.RecordKind, settings.TextField, settings.LabelField) : null;
         var delimited = detected.Format is DataFormats.Csv or DataFormats.Tsv ? new DelimitedRecordParser(detected.Format, detected.Columns!) : null;
@@ -152,10 +154,14 @@ public sealed class DatasetIngestor
                 await state.RecordAsync(delimited!.Parse(line, reader.LineNumber, state.Writer), reader.LineNumber, cancellationToken);
             }
 
-            if (progress is not null && clock.Elapsed - lastProgress >= _options.ProgressInterval)
+            if (progress is not null && reader.BytesRead != bytesAtLastCheck)
             {
-                lastProgress = clock.Elapsed;
-                await progress(state.Counts(reader.BytesRead));
+                bytesAtLastCheck = reader.BytesRead;
+                if (clock.Elapsed - lastProgress >= _options.ProgressInterval)
+                {
+                    lastProgress = clock.Elapsed;
+                    await progress(state.Counts(reader.BytesRead));
+                }
             }
         }
 
