@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Preprocessing fanned out over several real hosts: `scripts/scale-check.sh [records] [hosts] [dedup]`
-# (default 7,500,000 records, about 1 GiB; 2 hosts; near). Starts Azurite and that many local hosts
+# Preprocessing fanned out over several real hosts: `scripts/scale-check.sh [records] [hosts] [dedup]
+# [compare]` (default 7,500,000 records, about 1 GiB; 2 hosts; near). Starts Azurite and that many local hosts
 # (each the function app's isolated worker under our host, sharing the one storage account as Flex
 # instances do), drops a generated labelled JSONL file (planted exact and near duplicates) into
-# incoming with a spec asking for 1,000,000 records per partition (PARTITION_RECORDS sets another), waits for the run, then prints the
-# run's counts, which host did which parts and each worker's peak resident memory (VmHWM). With a
-# fourth argument `compare` it then prepares the same file once more, in a fresh Azurite with one host
-# and `"partitions":1` (the single pass), and compares the two runs' shards and stats.json byte for byte.
+# incoming with a spec asking for 1,000,000 records per partition (PARTITION_RECORDS sets another),
+# waits for the run, then prints the run's counts, which host did which parts and each worker's peak
+# resident memory (VmHWM). With `compare` it then prepares the same file once more, in a fresh Azurite
+# with one host and `"partitions":1` (the single pass), and compares the two runs' shards and
+# stats.json byte for byte.
 # Minutes, not seconds: not part of ./test.sh.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
