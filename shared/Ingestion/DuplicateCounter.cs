@@ -11,16 +11,21 @@ namespace Pipeline.Ingestion;
 /// (<see cref="Exact"/> turns false).
 /// </summary>
 /// <remarks>
-/// The table is larger than the CPU caches, so each lookup is a cache miss. Hashes are queued and
-/// looked up a batch at a time after prefetching their slots, which overlaps those misses; without
-/// it, this counter took half of the ingestion time.
+/// The table is larger than the CPU caches, so each lookup is a cache miss. A record's slot is
+/// prefetched when its hash is computed, and looked up 32 records later, once the records in between
+/// have given the prefetch time to arrive: the misses overlap the rest of the work instead
+/// of stalling it. Without prefetching, this counter took half of the ingestion time; with the
+/// prefetches issued just before their lookups, a sixth.
 /// </remarks>
 internal sealed class DuplicateCounter(int limit)
 {
-    private const int Batch = 32;
+    /// <summary>Records between a slot's prefetch and its lookup (a power of two).</summary>
+    private const int Lead = 32;
     private readonly ulong[] _slots = new ulong[(int)BitOperations.RoundUpToPowerOf2((uint)Math.Max(1024, limit) * 2)];
-    private readonly ulong[] _pending = new ulong[Batch];
+    // The hashes waiting for their lookup, oldest at _next once the ring is full.
+    private readonly ulong[] _pending = new ulong[Lead];
     private int _pendingCount;
+    private int _next;
     private int _count;
     private bool _hasZero;
     private long _duplicates;
@@ -44,35 +49,42 @@ internal sealed class DuplicateCounter(int limit)
         }
     }
 
-    public void Add(ReadOnlySpan<byte> canonical)
+    public unsafe void Add(ReadOnlySpan<byte> canonical)
     {
-        _pending[_pendingCount++] = XxHash3.HashToUInt64(canonical);
-        if (_pendingCount == Batch)
-        {
-            Flush();
-        }
-    }
-
-    private unsafe void Flush()
-    {
-        var mask = _slots.Length - 1;
+        var hash = XxHash3.HashToUInt64(canonical);
         if (Sse.IsSupported)
         {
             fixed (ulong* slots = _slots)
             {
-                for (var i = 0; i < _pendingCount; i++)
-                {
-                    Sse.Prefetch0(slots + (int)(_pending[i] & (ulong)mask));
-                }
+                Sse.Prefetch0(slots + (int)(hash & (ulong)(_slots.Length - 1)));
             }
         }
 
+        if (_pendingCount == Lead)
+        {
+            Insert(_pending[_next], _slots.Length - 1);
+        }
+        else
+        {
+            _pendingCount++;
+        }
+
+        _pending[_next] = hash;
+        _next = (_next + 1) & (Lead - 1);
+    }
+
+    /// <summary>Looks up every waiting hash, oldest first.</summary>
+    private void Flush()
+    {
+        var mask = _slots.Length - 1;
+        var oldest = (_next - _pendingCount) & (Lead - 1);
         for (var i = 0; i < _pendingCount; i++)
         {
-            Insert(_pending[i], mask);
+            Insert(_pending[(oldest + i) & (Lead - 1)], mask);
         }
 
         _pendingCount = 0;
+        _next = 0;
     }
 
     private void Insert(ulong hash, int mask)

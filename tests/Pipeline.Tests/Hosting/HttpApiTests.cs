@@ -82,8 +82,13 @@ public sealed class HttpApiTests : IAsyncLifetime
         Assert.Equal(3, view.GetProperty("counts").GetProperty("trainRecords").GetInt64());
         var datasetId = view.GetProperty("datasetId").GetString();
 
-        var events = JsonDocument.Parse(await _http.GetStringAsync($"/api/runs/{runId}/events")).RootElement.EnumerateArray().ToList();
-        var sequence = events.Select(e => (e.GetProperty("type").GetString(), e.GetProperty("stage").GetString())).ToList();
+        // Events leave the run's outbox shortly after the run's own update: wait for the last one to be published.
+        var sequence = await Eventually.ReturnsAsync(async () =>
+        {
+            var events = JsonDocument.Parse(await _http.GetStringAsync($"/api/runs/{runId}/events")).RootElement.EnumerateArray();
+            var published = events.Select(e => (e.GetProperty("type").GetString(), e.GetProperty("stage").GetString())).ToList();
+            return published.Contains((RunEvents.Types.StageSucceeded, Stages.Preprocess)) ? published : null;
+        }, TimeSpan.FromSeconds(30), "the run's last event to be published", () => _host.Output);
         Assert.Contains((RunEvents.Types.StageStarted, Stages.Ingest), sequence);
         Assert.Contains((RunEvents.Types.StageStarted, Stages.Preprocess), sequence);
         Assert.Equal(RunEvents.Types.StageSucceeded, sequence[^1].Item1);

@@ -219,6 +219,42 @@ public sealed class DatasetIngestorTests
     }
 
     [Theory]
+    [InlineData(1_000_000, 5)]
+    [InlineData(1_000_000, 20_000)]
+    [InlineData(1_000, 20_000)]
+    public async Task Duplicates_are_counted_exactly_under_the_tracking_limit_and_as_a_lower_bound_past_it(int limit, int records)
+    {
+        // Random repeats at random distances (a record's slot is looked up some records after it is read).
+        var random = new Random(records);
+        var content = new StringBuilder();
+        var seen = new HashSet<int>();
+        var expected = 0;
+        for (var i = 0; i < records; i++)
+        {
+            var value = random.Next(records * 2 / 3 + 1);
+            expected += seen.Add(value) ? 0 : 1;
+            content.Append("{\"text\":\"record ").Append(value).Append("\"}\n");
+        }
+
+        var options = new IngestionOptions { DuplicateTrackingLimit = limit };
+        using var output = new MemoryStream();
+        var bytes = Encoding.UTF8.GetBytes(content.ToString());
+        var result = await new DatasetIngestor(options).RunAsync(new MemoryStream(bytes), "dups.jsonl", bytes.Length, options.Resolve(null), output, Stream.Null, null, CancellationToken.None);
+
+        Assert.Equal(records, result.Counts.Valid);
+        if (seen.Count <= limit)
+        {
+            Assert.True(result.DuplicatesExact);
+            Assert.Equal(expected, result.Counts.Duplicates);
+        }
+        else
+        {
+            Assert.False(result.DuplicatesExact);
+            Assert.InRange(result.Counts.Duplicates, 1, expected - 1);
+        }
+    }
+
+    [Theory]
     [InlineData(new byte[0], RejectionCodes.EmptyFile)]
     [InlineData(new byte[] { 0x20, 0x0A, 0x0A }, RejectionCodes.EmptyFile)]
     [InlineData(new byte[] { 0xFF, 0xFE, 0x7B, 0x00, 0x7D, 0x00 }, RejectionCodes.Utf16File)]
