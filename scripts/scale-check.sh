@@ -105,4 +105,4 @@ done < <(cd "$single" && find . -maxdepth 1 -type f \( -name stats.json -o -name
 printf '%s  %s\n' "$(cat "$single/stats.json" "$single"/*-[0-9][0-9][0-9][0-9][0-9].jsonl | sha256sum | cut -d' ' -f1)" "sha256 of stats.json and every shard, single pass"
 printf '%s  %s\n' "$(cat "$fanout/stats.json" "$fanout"/*-[0-9][0-9][0-9][0-9][0-9].jsonl | sha256sum | cut -d' ' -f1)" "sha256 of stats.json and every shard, fanned out"
 [[ ${#differ[@]} -eq 0 ]] || die "${#differ[@]} of ${#compared[@]} files differ: ${differ[*]}"
-say "$(basename "$single"): all ${#compared[@]} files (stats.json and $((${#compared[@]} - 1)) shards, $(cat "$single"/*-[0-9][0-9][0-9][0-9][0-9].jsonl | wc -c) bytes) are identical"
+say "$(basename "$single"): all ${#compared[@]} files (stats.json and $((${#compared[@]} - 1)) shards, $(wc -c "$single"/*-[0-9][0-9][0-9][0-9][0-9].jsonl | tail -n 1 | awk '{print $1}') bytes) are identical"

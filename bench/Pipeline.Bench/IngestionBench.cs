@@ -143,15 +143,20 @@ public static class IngestionBench
     {
         var download = await container.GetBlobClient(name).DownloadStreamingAsync();
         await using var stream = download.Value.Content;
-        var options = new IngestionOptions();
-        await new DatasetIngestor(options).RunAsync(stream, name, length, options.Resolve(null), Stream.Null, Stream.Null, null, CancellationToken.None);
+        await DiscardingIngestAsync(stream, name, length);
     }
 
     private static async Task InMemoryAsync(byte[] content, string name)
     {
-        var options = new IngestionOptions();
         using var stream = new MemoryStream(content, writable: false);
-        await new DatasetIngestor(options).RunAsync(stream, name, content.Length, options.Resolve(null), Stream.Null, Stream.Null, null, CancellationToken.None);
+        await DiscardingIngestAsync(stream, name, content.Length);
+    }
+
+    /// <summary>The stage's record processing over <paramref name="source"/>, its records and errors discarded.</summary>
+    private static async Task DiscardingIngestAsync(Stream source, string name, long length)
+    {
+        var options = new IngestionOptions();
+        await new DatasetIngestor(options).RunAsync(source, name, length, options.Resolve(null), Stream.Null, Stream.Null, null, CancellationToken.None);
     }
 
     private static async Task StageAsync(ServiceProvider services, string name, string etag, int attempt)

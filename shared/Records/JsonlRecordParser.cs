@@ -283,16 +283,10 @@ public sealed class JsonlRecordParser
         i = line[i] == (byte)'0' ? i + 1 : Digits(line, i);
         if (i < line.Length && line[i] == (byte)'.')
         {
-            var fraction = Digits(line, i + 1);
-            if (fraction == i + 1)
-            {
-                return -1;
-            }
-
-            i = fraction;
+            i = Digits(line, i + 1);
         }
 
-        if (i < line.Length && line[i] is (byte)'e' or (byte)'E')
+        if (i > 0 && i < line.Length && line[i] is (byte)'e' or (byte)'E')
         {
             i++;
             if (i < line.Length && line[i] is (byte)'+' or (byte)'-')
@@ -300,26 +294,22 @@ public sealed class JsonlRecordParser
                 i++;
             }
 
-            var exponent = Digits(line, i);
-            if (exponent == i)
-            {
-                return -1;
-            }
-
-            i = exponent;
+            i = Digits(line, i);
         }
 
         return i;
     }
 
+    /// <summary>The end of the run of digits at <paramref name="i"/>, or -1 when none is there.</summary>
     private static int Digits(ReadOnlySpan<byte> line, int i)
     {
+        var start = i;
         while (i < line.Length && char.IsAsciiDigit((char)line[i]))
         {
             i++;
         }
 
-        return i;
+        return i > start ? i : -1;
     }
 
     private int Find(ReadOnlySpan<byte> line, ReadOnlySpan<byte> name)
