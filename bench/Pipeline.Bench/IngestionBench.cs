@@ -21,8 +21,8 @@ public static class IngestionBench
         // Azurite on the second core, this process on the first: "one core" for the code under test.
         if (OperatingSystem.IsLinux() && Environment.ProcessorCount >= 2)
         {
-            azurite.Process.ProcessorAffinity = 2;
-            Process.GetCurrentProcess().ProcessorAffinity = 1;
+            CpuAffinity.Pin(azurite.Process, 2UL);
+            CpuAffinity.Pin(Process.GetCurrentProcess(), 1UL);
         }
         using var services = BenchServices.Create(azurite);
         var storage = services.GetRequiredService<StorageClients>();

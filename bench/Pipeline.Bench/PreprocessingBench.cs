@@ -113,9 +113,8 @@ public static class PreprocessingBench
             return;
         }
 
-        var all = (nint)((1L << Environment.ProcessorCount) - 1);
-        azurite.Process.ProcessorAffinity = oneCore ? 2 : all;
-        Process.GetCurrentProcess().ProcessorAffinity = oneCore ? 1 : all;
+        CpuAffinity.Pin(azurite.Process, oneCore ? 2UL : CpuAffinity.All);
+        CpuAffinity.Pin(Process.GetCurrentProcess(), oneCore ? 1UL : CpuAffinity.All);
     }
 
     /// <summary>The limit: each worker's own tokenizer (built before the clock starts) over its share of the cleaned texts.</summary>

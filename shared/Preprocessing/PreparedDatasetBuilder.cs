@@ -25,6 +25,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     private const int ExcerptChars = 120;
     private static readonly ThreadLocal<List<int>> WorkerIds = new(() => new List<int>(256));
     private static readonly ThreadLocal<XxHash3> WorkerKeys = new(() => new XxHash3());
+    private static readonly ThreadLocal<CanonicalRecordReader> WorkerRecords = new(() => new CanonicalRecordReader());
 
     /// <summary>
     /// One batch of records: their lines copied end to end into one reused buffer, and one reused result
@@ -175,9 +176,10 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         // The records kept by the clusters of the first removals: the sample shows their excerpts.
         var roots = near.Removed.OrderBy(r => r.Key).Take(options.DuplicateSamples).Select(r => r.Value.KeptLine).ToHashSet();
         var rootExcerpts = new Dictionary<long, string>();
-        var exact = recipe.Dedup.Mode != DedupModes.None ? new HashSet<ulong>() : null;
+        // Each dedup key seen, with the index its first record has (or would have) among the kept excerpts;
+        // sized up front for the dataset's valid records (up to a million), so it is not rebuilt as it grows.
+        var exact = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, int>((int)Math.Min(dataset.Counts.Valid, 1 << 20)) : null;
         var keptExcerpts = new List<(long Line, string Excerpt)>();
-        var firstByKey = new Dictionary<ulong, int>();
         var redactions = new RedactionCounts();
         await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
         var stats = assembly.Stats;
@@ -196,17 +198,18 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         continue;
                     }
 
-                    if (exact is not null && !exact.Add(record.Key))
-                    {
-                        stats.ExactDuplicatesRemoved++;
-                        Sample(stats, keptExcerpts, firstByKey.GetValueOrDefault(record.Key, -1), record, 1.0);
-                        continue;
-                    }
-
                     // The first record of each key (the partitions' kept records) is remembered, whether near dedup keeps it or not.
                     if (exact is not null)
                     {
-                        firstByKey.TryAdd(record.Key, keptExcerpts.Count);
+                        ref var first = ref CollectionsMarshal.GetValueRefOrAddDefault(exact, record.Key, out var seen);
+                        if (seen)
+                        {
+                            stats.ExactDuplicatesRemoved++;
+                            Sample(stats, keptExcerpts, first, record, 1.0);
+                            continue;
+                        }
+
+                        first = keptExcerpts.Count;
                     }
 
                     if (keptExcerpts.Count < options.DuplicateSampleSources)
@@ -278,7 +281,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
 
     private void Sign(ReadOnlySpan<byte> line, Processed result, TextCleaner cleaner, MinHasher hasher)
     {
-        var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        var record = WorkerRecords.Value!.Read(line);
         var rendered = Render(record, cleaner, new RedactionCounts(), out _, out _);
         result.Line = record.Line;
         result.Kept = !string.IsNullOrWhiteSpace(rendered);
@@ -535,7 +538,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// <summary>The dedup key of a record line, without tokenizing it (the planner's work).</summary>
     private ulong KeyOf(ReadOnlySpan<byte> line, TextCleaner cleaner)
     {
-        var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        var record = WorkerRecords.Value!.Read(line);
         var rendered = Render(record, cleaner, new RedactionCounts(), out _, out _);
         return Key(rendered, record.Label);
     }
@@ -576,7 +579,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         result.Label = null;
         result.Truncated = false;
         var counts = new RedactionCounts();
-        var record = JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        var record = WorkerRecords.Value!.Read(line);
         result.Line = record.Line;
         result.Text = null;
         var ids = WorkerIds.Value!;

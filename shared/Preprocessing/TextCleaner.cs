@@ -67,8 +67,10 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
 
     private string Whitespace(string text)
     {
+        // Printable ASCII (one vectorized search) has no control, format or non-space white space characters.
         var changed = false;
-        foreach (var c in text)
+        var first = text.AsSpan().IndexOfAnyExceptInRange(' ', '~');
+        foreach (var c in first < 0 ? [] : text.AsSpan(first))
         {
             if (IsControlOrFormat(c) || (normalize.CollapseWhitespace && c != ' ' && char.IsWhiteSpace(c)))
             {
@@ -77,7 +79,7 @@ public sealed partial class TextCleaner(NormalizeOptions normalize, RedactOption
             }
         }
 
-        if (!changed && (!normalize.CollapseWhitespace || (!text.Contains("  ", StringComparison.Ordinal) && text.Trim().Length == text.Length)))
+        if (!changed && (!normalize.CollapseWhitespace || (!text.Contains("  ", StringComparison.Ordinal) && text.AsSpan().Trim().Length == text.Length)))
         {
             return text;
         }
