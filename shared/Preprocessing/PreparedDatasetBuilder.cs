@@ -176,10 +176,13 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         // The records kept by the clusters of the first removals: the sample shows their excerpts.
         var roots = near.Removed.OrderBy(r => r.Key).Take(options.DuplicateSamples).Select(r => r.Value.KeptLine).ToHashSet();
         var rootExcerpts = new Dictionary<long, string>();
-        // Each dedup key seen, with the index its first record has (or would have) among the kept excerpts;
+        // Each dedup key seen, with the index its first record has (or would have) among the sample's sources;
         // sized up front for the dataset's valid records (up to a million), so it is not rebuilt as it grows.
         var exact = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, int>((int)Math.Min(dataset.Counts.Valid, 1 << 20)) : null;
-        var keptExcerpts = new List<(long Line, string Excerpt)>();
+        // The lines of the first kept records, whose excerpts the duplicate sample may show. Only lines: an
+        // exact duplicate's text is its kept record's text, so the sample takes both excerpts from the
+        // duplicate, and the batches' texts are not kept alive (which made each collection copy them).
+        var sampleSources = new List<long>();
         var redactions = new RedactionCounts();
         await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
         var stats = assembly.Stats;
@@ -205,16 +208,16 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         if (seen)
                         {
                             stats.ExactDuplicatesRemoved++;
-                            Sample(stats, keptExcerpts, first, record, 1.0);
+                            Sample(stats, sampleSources, first, record);
                             continue;
                         }
 
-                        first = keptExcerpts.Count;
+                        first = sampleSources.Count;
                     }
 
-                    if (keptExcerpts.Count < options.DuplicateSampleSources)
+                    if (sampleSources.Count < options.DuplicateSampleSources)
                     {
-                        keptExcerpts.Add((record.Line, Excerpt(record.Text!)));
+                        sampleSources.Add(record.Line);
                     }
 
                     if (near.Removed.TryGetValue(record.Line, out var removal))
@@ -327,7 +330,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     /// <summary>
     /// One partition's heavy work: its records cleaned and tokenized, exact duplicates removed (they all
     /// meet here), and the kept ones written in source order to <paramref name="kept"/> for the assembly.
-    /// Memory: one dedup entry per distinct record of the partition, and the excerpts of its first
+    /// Memory: one dedup entry per distinct record of the partition, and the lines of its first
     /// <see cref="PreprocessingOptions.DuplicateSampleSources"/> kept records. With near dedup, each kept
     /// record's signature and band keys also go to <paramref name="near"/> (the first of the near-dedup steps).
     /// </summary>
@@ -341,7 +344,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var context = Context(dataset);
         var hasher = near is not null ? new MinHasher(recipe.Dedup) : null;
         var firstLines = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, long>() : null;
-        var excerpts = new Dictionary<long, string>();
+        // The lines of the first kept records, whose excerpts the sample may show (the duplicate's own: the same text).
+        var sampleSources = new HashSet<long>();
         var outcome = new PartitionOutcome { Partition = partition };
         var redactions = new RedactionCounts();
         long tokens = 0;
@@ -364,17 +368,18 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                     if (outcome.DuplicateSamples.Count < options.DuplicateSamples)
                     {
                         var keptLine = firstLines[record.Key];
-                        outcome.DuplicateSamples.Add(excerpts.TryGetValue(keptLine, out var excerpt)
-                            ? new DuplicatePair(keptLine, record.Line, 1.0, excerpt, Excerpt(record.Text!))
-                            : new DuplicatePair(0, record.Line, 1.0, "", Excerpt(record.Text!)));
+                        var excerpt = Excerpt(record.Text!);
+                        outcome.DuplicateSamples.Add(sampleSources.Contains(keptLine)
+                            ? new DuplicatePair(keptLine, record.Line, 1.0, excerpt, excerpt)
+                            : new DuplicatePair(0, record.Line, 1.0, "", excerpt));
                     }
 
                     continue;
                 }
 
-                if (excerpts.Count < options.DuplicateSampleSources)
+                if (sampleSources.Count < options.DuplicateSampleSources)
                 {
-                    excerpts[record.Line] = Excerpt(record.Text!);
+                    sampleSources.Add(record.Line);
                 }
 
                 outcome.Kept++;
@@ -640,15 +645,18 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         return builder.ToString();
     }
 
-    private void Sample(PreparedStats stats, List<(long Line, string Excerpt)> kept, int keptIndex, Processed removed, double similarity)
+    /// <summary>An exact duplicate for the sample: its kept record is shown when it is one of the first kept records.</summary>
+    private void Sample(PreparedStats stats, List<long> sources, int keptIndex, Processed removed)
     {
         if (stats.DuplicateSamples.Count >= options.DuplicateSamples)
         {
             return;
         }
 
-        var (line, excerpt) = keptIndex >= 0 && keptIndex < kept.Count ? kept[keptIndex] : (0L, "");
-        stats.DuplicateSamples.Add(new DuplicatePair(line, removed.Line, similarity, excerpt, Excerpt(removed.Text!)));
+        var excerpt = Excerpt(removed.Text!);
+        stats.DuplicateSamples.Add(keptIndex >= 0 && keptIndex < sources.Count
+            ? new DuplicatePair(sources[keptIndex], removed.Line, 1.0, excerpt, excerpt)
+            : new DuplicatePair(0, removed.Line, 1.0, "", excerpt));
     }
 
     /// <summary>The start of a text for the duplicate sample (never ending inside a surrogate pair).</summary>
@@ -685,7 +693,7 @@ public sealed class PreprocessingOptions
     public int BatchRecords { get; set; } = 4096;
     /// <summary>Removed-duplicate pairs kept as a sample in stats.json. Default 20.</summary>
     public int DuplicateSamples { get; set; } = 20;
-    /// <summary>Kept records whose excerpt is remembered for the duplicate sample. Default 100,000.</summary>
+    /// <summary>The first kept records a duplicate sample can name as the kept one (their lines are remembered). Default 100,000.</summary>
     public int DuplicateSampleSources { get; set; } = 100_000;
     /// <summary>Block size of streamed shard uploads. Default 8 MiB.</summary>
     public int UploadBlockBytes { get; set; } = 8 * 1024 * 1024;

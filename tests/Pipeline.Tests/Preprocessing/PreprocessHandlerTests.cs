@@ -163,6 +163,8 @@ public sealed class PreprocessHandlerTests(Azurite azurite) : IClassFixture<Azur
         var sample = exact.Stats.DuplicateSamples[0];
         Assert.Equal(1, sample.KeptLine);
         Assert.Equal(2, sample.RemovedLine);
+        // Both excerpts are the cleaned text the two records share.
+        Assert.Equal(("same words", "same words"), (sample.Kept, sample.Removed));
 
         var none = await PrepareAsync(pipeline, "dups.jsonl", content, """{"preprocess":{"validationFraction":0,"dedup":{"mode":"none"}}}""");
         Assert.Equal(4, none.Stats!.Train.Records);
