@@ -11,15 +11,9 @@ namespace Pipeline.Bench;
 /// </summary>
 public static partial class CpuAffinity
 {
-    /// <summary>Pins all threads of <paramref name="process"/> to the cores in <paramref name="mask"/> (bit i = core i); on Windows the process affinity, elsewhere nothing.</summary>
+    /// <summary>Pins all threads of <paramref name="process"/> to the cores in <paramref name="mask"/> (bit i = core i); Linux only, elsewhere nothing.</summary>
     public static void Pin(Process process, ulong mask)
     {
-        if (OperatingSystem.IsWindows())
-        {
-            process.ProcessorAffinity = (nint)mask;
-            return;
-        }
-
         if (!OperatingSystem.IsLinux())
         {
             return;
@@ -42,32 +36,9 @@ public static partial class CpuAffinity
         }
     }
 
-    /// <summary>Threads of <paramref name="process"/> whose allowed cores are not exactly <paramref name="mask"/> (Linux; 0 elsewhere).</summary>
-    public static int Unpinned(Process process, ulong mask)
-    {
-        if (!OperatingSystem.IsLinux())
-        {
-            return 0;
-        }
-
-        var count = 0;
-        foreach (var task in Directory.EnumerateDirectories($"/proc/{process.Id}/task"))
-        {
-            if (int.TryParse(Path.GetFileName(task), out var tid) && SchedGetAffinity(tid, (nuint)sizeof(ulong), out var actual) == 0 && actual != mask)
-            {
-                count++;
-            }
-        }
-
-        return count;
-    }
-
     /// <summary>All cores of this machine as a mask.</summary>
     public static ulong All => Environment.ProcessorCount >= 64 ? ulong.MaxValue : (1UL << Environment.ProcessorCount) - 1;
 
     [LibraryImport("libc", EntryPoint = "sched_setaffinity", SetLastError = true)]
     private static partial int SchedSetAffinity(int pid, nuint size, ref ulong mask);
-
-    [LibraryImport("libc", EntryPoint = "sched_getaffinity", SetLastError = true)]
-    private static partial int SchedGetAffinity(int pid, nuint size, out ulong mask);
 }

@@ -70,8 +70,7 @@ public sealed class CanonicalRecordReader
                     case 2:
                         record.Label = reader.TokenType switch
                         {
-                            JsonTokenType.String => Label(ref reader),
-                            JsonTokenType.Number => Label(ref reader),
+                            JsonTokenType.String or JsonTokenType.Number => Label(ref reader),
                             JsonTokenType.True => "true",
                             JsonTokenType.False => "false",
                             JsonTokenType.Null => null,
@@ -80,7 +79,19 @@ public sealed class CanonicalRecordReader
                         break;
                     case 1 or 8 or 16 when reader.TokenType is JsonTokenType.String or JsonTokenType.Null:
                         var value = reader.TokenType == JsonTokenType.Null ? null : reader.GetString();
-                        _ = field == 1 ? record.Text = value : field == 8 ? record.Prompt = value : record.Completion = value;
+                        if (field == 1)
+                        {
+                            record.Text = value;
+                        }
+                        else if (field == 8)
+                        {
+                            record.Prompt = value;
+                        }
+                        else
+                        {
+                            record.Completion = value;
+                        }
+
                         break;
                     default:
                         return false;

@@ -368,10 +368,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                     if (outcome.DuplicateSamples.Count < options.DuplicateSamples)
                     {
                         var keptLine = firstLines[record.Key];
-                        var excerpt = Excerpt(record.Text!);
-                        outcome.DuplicateSamples.Add(sampleSources.Contains(keptLine)
-                            ? new DuplicatePair(keptLine, record.Line, 1.0, excerpt, excerpt)
-                            : new DuplicatePair(0, record.Line, 1.0, "", excerpt));
+                        outcome.DuplicateSamples.Add(ExactPair(sampleSources.Contains(keptLine) ? keptLine : null, record));
                     }
 
                     continue;
@@ -653,10 +650,17 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             return;
         }
 
+        stats.DuplicateSamples.Add(ExactPair(keptIndex >= 0 && keptIndex < sources.Count ? sources[keptIndex] : null, removed));
+    }
+
+    /// <summary>
+    /// A removed exact duplicate and its kept record (line 0 and no excerpt when that line was not
+    /// remembered). Both excerpts are the duplicate's: its text is the kept record's text.
+    /// </summary>
+    private static DuplicatePair ExactPair(long? keptLine, Processed removed)
+    {
         var excerpt = Excerpt(removed.Text!);
-        stats.DuplicateSamples.Add(keptIndex >= 0 && keptIndex < sources.Count
-            ? new DuplicatePair(sources[keptIndex], removed.Line, 1.0, excerpt, excerpt)
-            : new DuplicatePair(0, removed.Line, 1.0, "", excerpt));
+        return keptLine is { } kept ? new DuplicatePair(kept, removed.Line, 1.0, excerpt, excerpt) : new DuplicatePair(0, removed.Line, 1.0, "", excerpt);
     }
 
     /// <summary>The start of a text for the duplicate sample (never ending inside a surrogate pair).</summary>
