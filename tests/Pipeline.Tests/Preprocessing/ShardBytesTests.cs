@@ -88,20 +88,6 @@ public sealed class ShardBytesTests(Azurite azurite) : IClassFixture<Azurite>
     }
 
     /// <summary>Shards kept in memory, as a sink other than blobs.</summary>
-    private sealed class MemorySink : ShardSink
-    {
-        public Dictionary<string, MemoryStream> Shards { get; } = [];
-
-        public override string Container => "memory";
-
-        public override ValueTask<Stream> OpenAsync(string path, CancellationToken cancellationToken)
-        {
-            var stream = new MemoryStream();
-            Shards[path] = stream;
-            return ValueTask.FromResult<Stream>(stream);
-        }
-    }
-
     /// <summary>Fixed inputs: canonical records of every kind, with the characters normalization and redaction act on.</summary>
     private static string Input(string name)
     {
