@@ -17,7 +17,139 @@ public sealed class CanonicalRecordReader
 
     /// <summary>The record on <paramref name="line"/>; the returned instance is reused by the next call unless it came from the serializer.</summary>
     public CanonicalRecord Read(ReadOnlySpan<byte> line) =>
-        TryReadFlat(line) ? _record : JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+        TryReadCompact(line) || TryReadFlat(line) ? _record : JsonSerializer.Deserialize(line, PreprocessJson.Default.CanonicalRecord)!;
+
+    /// <summary>
+    /// The lines exactly as ingestion writes them, scanned by hand: compact, strings without escapes, integer
+    /// numbers, known names once each. Anything else returns false before the record is used, and goes to
+    /// <see cref="TryReadFlat"/>; where both accept a line they give the same record.
+    /// </summary>
+    private bool TryReadCompact(ReadOnlySpan<byte> line)
+    {
+        var record = _record;
+        record.Text = record.Label = record.Prompt = record.Completion = null;
+        record.Messages = null;
+        record.Line = 0;
+        if (line.Length < 2 || line[0] != (byte)'{' || line[^1] != (byte)'}')
+        {
+            return false;
+        }
+
+        var seen = 0;
+        var at = 1;
+        while (true)
+        {
+            // "name":
+            if (line[at] != (byte)'"')
+            {
+                return false;
+            }
+
+            var nameLength = line[(at + 1)..].IndexOf((byte)'"');
+            if (nameLength < 0 || at + nameLength + 2 >= line.Length || line[at + nameLength + 2] != (byte)':')
+            {
+                return false;
+            }
+
+            var field = line.Slice(at + 1, nameLength) switch
+            {
+                var n when n.SequenceEqual("text"u8) => 1,
+                var n when n.SequenceEqual("label"u8) => 2,
+                var n when n.SequenceEqual("line"u8) => 4,
+                var n when n.SequenceEqual("prompt"u8) => 8,
+                var n when n.SequenceEqual("completion"u8) => 16,
+                _ => 0,
+            };
+            if (field == 0 || (seen & field) != 0)
+            {
+                return false;
+            }
+
+            seen |= field;
+            at += nameLength + 3;
+            var rest = line[at..^1];
+            int length;
+            if (rest.IsEmpty)
+            {
+                return false;
+            }
+
+            if (rest[0] == (byte)'"')
+            {
+                // A string with no escape, no control character and valid UTF-8 is its bytes.
+                length = rest[1..].IndexOfAny((byte)'"', (byte)'\\');
+                if (length < 0 || rest[1 + length] != (byte)'"')
+                {
+                    return false;
+                }
+
+                var bytes = rest.Slice(1, length);
+                if (bytes.IndexOfAnyInRange((byte)0, (byte)0x1F) >= 0 || !System.Text.Unicode.Utf8.IsValid(bytes))
+                {
+                    return false;
+                }
+
+                switch (field)
+                {
+                    case 1:
+                        record.Text = Encoding.UTF8.GetString(bytes);
+                        break;
+                    case 2:
+                        record.Label = _lastLabel is { } last && Ascii.Equals(bytes, last) ? last : _lastLabel = Encoding.UTF8.GetString(bytes);
+                        break;
+                    case 8:
+                        record.Prompt = Encoding.UTF8.GetString(bytes);
+                        break;
+                    case 16:
+                        record.Completion = Encoding.UTF8.GetString(bytes);
+                        break;
+                    default:
+                        return false;
+                }
+
+                length += 2;
+            }
+            else
+            {
+                // An integer: -?(0|[1-9][0-9]*), at most 18 digits.
+                var negative = rest[0] == (byte)'-' ? 1 : 0;
+                length = rest[negative..].IndexOfAnyExceptInRange((byte)'0', (byte)'9');
+                length = length < 0 ? rest.Length - negative : length;
+                if (length == 0 || length > 18 || (length > 1 && rest[negative] == (byte)'0'))
+                {
+                    return false;
+                }
+
+                var digits = rest[..(negative + length)];
+                length += negative;
+                if (field == 4 && negative == 0)
+                {
+                    record.Line = long.Parse(digits, provider: System.Globalization.CultureInfo.InvariantCulture);
+                }
+                else if (field == 2)
+                {
+                    record.Label = _lastLabel is { } last && Ascii.Equals(digits, last) ? last : _lastLabel = Encoding.ASCII.GetString(digits);
+                }
+                else
+                {
+                    return false;
+                }
+            }
+
+            at += length;
+            if (at == line.Length - 1)
+            {
+                return true;
+            }
+
+            if (line[at] != (byte)',')
+            {
+                return false;
+            }
+
+            at++;
+        }
+    }
 
     private bool TryReadFlat(ReadOnlySpan<byte> line)
     {

@@ -1,4 +1,5 @@
 using System.IO.Hashing;
+using System.Runtime.InteropServices;
 using Pipeline.Ingestion;
 
 namespace Pipeline.Preprocessing;
@@ -19,16 +20,20 @@ internal sealed class PreparedAssembly : IAsyncDisposable
     private readonly ShardWriter _train;
     private readonly ShardWriter _validation;
     private readonly List<int>[] _packBuffers = [new List<int>(), new List<int>()];
+    /// <summary>Records per label id in each split (train, validation), and the order the labels first appeared in.</summary>
+    private readonly long[][] _labelCounts;
+    private readonly List<int>[] _labelOrder = [[], []];
 
-    public PreparedAssembly(PreprocessRecipe recipe, PreprocessingOptions options, ShardSink output, string folder, List<string> labels, bool packed, int endOfText)
+    public PreparedAssembly(PreprocessRecipe recipe, ShardSink output, string folder, List<string> labels, bool packed, int endOfText)
     {
         _recipe = recipe;
         _labels = labels;
         _packed = packed;
         _endOfText = endOfText;
         _histogram = new long[recipe.MaxSequenceLength + 2];
-        _train = new ShardWriter(output, folder, "train", recipe.ShardRecords, options.UploadBlockBytes);
-        _validation = new ShardWriter(output, folder, "validation", recipe.ShardRecords, options.UploadBlockBytes);
+        _labelCounts = [new long[labels.Count], new long[labels.Count]];
+        _train = new ShardWriter(output, folder, "train", recipe.ShardRecords);
+        _validation = new ShardWriter(output, folder, "validation", recipe.ShardRecords);
         Stats = new PreparedStats { Lengths = new LengthPercentiles(0, 0, 0, 0, 0, 0), Epochs = recipe.Epochs, CostPerMillionTokens = recipe.CostPerMillionTokens };
     }
 
@@ -38,15 +43,16 @@ internal sealed class PreparedAssembly : IAsyncDisposable
     /// <summary>Tokens written so far (for progress).</summary>
     public long Tokens => Stats.Train.Tokens + Stats.Validation.Tokens;
 
-    /// <summary>Adds the next kept record in source order.</summary>
-    public async ValueTask AddAsync(ReadOnlyMemory<int> tokens, int? label, int? promptLength, bool truncated, ulong key, long line, CancellationToken cancellationToken)
+    /// <summary>Adds the next kept record in source order (no await unless the shard writer has a block to hand over).</summary>
+    public ValueTask AddAsync(ReadOnlyMemory<int> tokens, int? label, int? promptLength, bool truncated, ulong key, long line, CancellationToken cancellationToken)
     {
         var toValidation = AssignToValidation(label, key);
+        var s = toValidation ? 1 : 0;
         var split = toValidation ? Stats.Validation : Stats.Train;
         split.Records++;
-        if (label is { } id)
+        if (label is { } id && _labelCounts[s][id]++ == 0)
         {
-            split.Labels[_labels[id]] = split.Labels.GetValueOrDefault(_labels[id]) + 1;
+            _labelOrder[s].Add(id);
         }
 
         if (truncated)
@@ -56,20 +62,23 @@ internal sealed class PreparedAssembly : IAsyncDisposable
 
         if (_packed)
         {
-            var buffer = _packBuffers[toValidation ? 1 : 0];
-            buffer.AddRange(tokens.Span);
-            buffer.Add(_endOfText);
-            while (buffer.Count >= _recipe.MaxSequenceLength)
-            {
-                await WriteBlockAsync(toValidation ? _validation : _train, split, buffer, _recipe.MaxSequenceLength, line, cancellationToken);
-            }
-
-            return;
+            return PackAsync(s, split, tokens, line, cancellationToken);
         }
 
         split.Tokens += tokens.Length;
         _histogram[Math.Min(tokens.Length, _histogram.Length - 1)]++;
-        await (toValidation ? _validation : _train).WriteAsync(tokens, label, promptLength, line, cancellationToken);
+        return (toValidation ? _validation : _train).WriteAsync(tokens, label, promptLength, line, cancellationToken);
+    }
+
+    private async ValueTask PackAsync(int s, SplitStats split, ReadOnlyMemory<int> tokens, long line, CancellationToken cancellationToken)
+    {
+        var buffer = _packBuffers[s];
+        buffer.AddRange(tokens.Span);
+        buffer.Add(_endOfText);
+        while (buffer.Count >= _recipe.MaxSequenceLength)
+        {
+            await WriteBlockAsync(s == 1 ? _validation : _train, split, buffer, _recipe.MaxSequenceLength, line, cancellationToken);
+        }
     }
 
     /// <summary>Writes what packing still holds, closes the last shards and completes the statistics.</summary>
@@ -90,6 +99,15 @@ internal sealed class PreparedAssembly : IAsyncDisposable
         await _validation.CompleteAsync(cancellationToken);
 
         var stats = Stats;
+        for (var s = 0; s < 2; s++)
+        {
+            // In the order each label first appeared in the split.
+            foreach (var id in _labelOrder[s])
+            {
+                (s == 1 ? stats.Validation : stats.Train).Labels[_labels[id]] = _labelCounts[s][id];
+            }
+        }
+
         var kept = stats.Train.Records + stats.Validation.Records;
         stats.TruncatedFraction = kept == 0 ? 0 : Math.Round((double)stats.Truncated / kept, 6);
         stats.Redactions = new() { ["emails"] = redactions.Emails, ["phones"] = redactions.Phones, ["ipAddresses"] = redactions.IpAddresses };
@@ -113,13 +131,14 @@ internal sealed class PreparedAssembly : IAsyncDisposable
         }
 
         var stratum = label ?? -1;
-        var (n, v) = _seen.GetValueOrDefault(stratum);
+        ref var seen = ref CollectionsMarshal.GetValueRefOrAddDefault(_seen, stratum, out _);
+        var (n, v) = seen;
         var expected = _recipe.ValidationFraction * (n + 1);
         Span<byte> key = stackalloc byte[sizeof(ulong)];
         BitConverter.TryWriteBytes(key, recordKey);
         var u = XxHash3.HashToUInt64(key, _recipe.Seed) / (double)ulong.MaxValue;
         var toValidation = v + 1 <= Math.Floor(expected) - 1 || (v + 1 <= Math.Ceiling(expected) && u < _recipe.ValidationFraction);
-        _seen[stratum] = (n + 1, v + (toValidation ? 1 : 0));
+        seen = (n + 1, v + (toValidation ? 1 : 0));
         return toValidation;
     }
 

@@ -187,7 +187,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         // duplicate, and the batches' texts are not kept alive (which made each collection copy them).
         var sampleSources = new List<long>();
         var redactions = new RedactionCounts();
-        await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
+        await using var assembly = new PreparedAssembly(recipe, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
         var stats = assembly.Stats;
         var records = await openRecords(cancellationToken);
         try
@@ -223,7 +223,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         sampleSources.Add(record.Line);
                     }
 
-                    if (near.Removed.TryGetValue(record.Line, out var removal))
+                    if (near.Removed.Count > 0 && near.Removed.TryGetValue(record.Line, out var removal))
                     {
                         stats.NearDuplicatesRemoved++;
                         if (stats.DuplicateSamples.Count < options.DuplicateSamples)
@@ -234,7 +234,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         continue;
                     }
 
-                    if (roots.Contains(record.Line))
+                    if (roots.Count > 0 && roots.Contains(record.Line))
                     {
                         rootExcerpts[record.Line] = Excerpt(record.Text!);
                     }
@@ -411,7 +411,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
     public async Task<BuildResult> AssembleAsync(IReadOnlyList<Stream> kept, IReadOnlyList<PartitionOutcome> outcomes, NearDedupSteps.NearDuplicates near, DatasetManifest dataset, ShardSink output, string folder, CancellationToken cancellationToken)
     {
         var context = Context(dataset);
-        await using var assembly = new PreparedAssembly(recipe, options, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
+        await using var assembly = new PreparedAssembly(recipe, output, folder, context.Labels, context.Packed, tokenizers.Probe.EndOfText);
         var stats = assembly.Stats;
         var redactions = new RedactionCounts();
         foreach (var outcome in outcomes)
@@ -721,7 +721,8 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         result.PromptLength = null;
         result.Label = null;
         result.Truncated = false;
-        var counts = new RedactionCounts();
+        var counts = result.Redactions;
+        counts.Emails = counts.Phones = counts.IpAddresses = 0;
         var record = WorkerRecords.Value!.Read(line);
         result.Line = record.Line;
         result.Text = null;
@@ -736,7 +737,6 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
             tokenizer.Encode(rendered, ids);
         }
 
-        result.Redactions = counts;
         if (rendered.Length == 0 || string.IsNullOrWhiteSpace(rendered))
         {
             return;

@@ -1,5 +1,6 @@
 using Azure.Storage.Blobs;
-using Azure.Storage.Blobs.Models;
+using Azure.Storage.Blobs.Specialized;
+using Pipeline.Storage;
 
 namespace Pipeline.Preprocessing;
 
@@ -22,7 +23,8 @@ public abstract class ShardSink
     {
         public override string Container => container.Name;
 
-        public override async ValueTask<Stream> OpenAsync(string path, CancellationToken cancellationToken) =>
-            await container.GetBlobClient(path).OpenWriteAsync(overwrite: true, new BlobOpenWriteOptions { BufferSize = blockBytes }, cancellationToken);
+        /// <summary>Each block uploads while the stage goes on formatting the next (<see cref="BlockUploadStream"/>).</summary>
+        public override ValueTask<Stream> OpenAsync(string path, CancellationToken cancellationToken) =>
+            ValueTask.FromResult<Stream>(new BlockUploadStream(container.GetBlockBlobClient(path), blockBytes));
     }
 }

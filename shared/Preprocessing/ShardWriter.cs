@@ -8,9 +8,15 @@ namespace Pipeline.Preprocessing;
 /// Writes one split's shards: JSON Lines of <c>{"input_ids":[...],"label":k,"prompt_length":n,"line":n}</c>,
 /// a new file every <c>shardRecords</c> records, each hashed as it is written.
 /// </summary>
-internal sealed class ShardWriter(ShardSink sink, string folder, string split, int shardRecords, int blockBytes) : IAsyncDisposable
+internal sealed class ShardWriter(ShardSink sink, string folder, string split, int shardRecords) : IAsyncDisposable
 {
-    private readonly ArrayBufferWriter<byte> _buffer = new(1 << 20);
+    /// <summary>
+    /// Rows are formatted here and go to the shard stream (and the hash) every <see cref="FlushBytes"/>: the
+    /// stream buffers its own upload blocks, so this buffer stays small enough to stay in cache.
+    /// </summary>
+    private const int FlushBytes = 64 * 1024;
+
+    private readonly ArrayBufferWriter<byte> _buffer = new(2 * FlushBytes);
     private readonly List<ShardInfo> _shards = [];
     private Stream? _stream;
     private IncrementalHash? _hash;
@@ -19,24 +25,35 @@ internal sealed class ShardWriter(ShardSink sink, string folder, string split, i
 
     public IReadOnlyList<ShardInfo> Shards => _shards;
 
-    public async ValueTask WriteAsync(ReadOnlyMemory<int> ids, int? label, int? promptLength, long line, CancellationToken cancellationToken)
+    /// <summary>Writes one row; awaits only to open a shard, hand over a full buffer or close a full shard.</summary>
+    public ValueTask WriteAsync(ReadOnlyMemory<int> ids, int? label, int? promptLength, long line, CancellationToken cancellationToken)
     {
         if (_stream is null)
         {
-            await OpenAsync(cancellationToken);
+            return OpenAndWriteAsync(ids, label, promptLength, line, cancellationToken);
         }
 
         Write(ids.Span, label, promptLength, line);
         _records++;
         _tokens += ids.Length;
-        if (_buffer.WrittenCount >= blockBytes / 2)
-        {
-            await FlushAsync(cancellationToken);
-        }
+        return _buffer.WrittenCount >= FlushBytes || _records >= shardRecords ? FlushOrCloseAsync(cancellationToken) : default;
+    }
 
+    private async ValueTask OpenAndWriteAsync(ReadOnlyMemory<int> ids, int? label, int? promptLength, long line, CancellationToken cancellationToken)
+    {
+        await OpenAsync(cancellationToken);
+        await WriteAsync(ids, label, promptLength, line, cancellationToken);
+    }
+
+    private async ValueTask FlushOrCloseAsync(CancellationToken cancellationToken)
+    {
         if (_records >= shardRecords)
         {
             await CloseAsync(cancellationToken);
+        }
+        else
+        {
+            await FlushAsync(cancellationToken);
         }
     }
 
