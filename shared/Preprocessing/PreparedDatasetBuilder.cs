@@ -181,7 +181,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var rootExcerpts = new Dictionary<long, string>();
         // Each dedup key seen, with the index its first record has (or would have) among the sample's sources;
         // sized up front for the dataset's valid records (up to a million), so it is not rebuilt as it grows.
-        var exact = recipe.Dedup.Mode != DedupModes.None ? new Dictionary<ulong, int>((int)Math.Min(dataset.Counts.Valid, 1 << 20)) : null;
+        var exact = recipe.Dedup.Mode != DedupModes.None ? new KeyTable((int)Math.Min(dataset.Counts.Valid, 1 << 20)) : null;
         // The lines of the first kept records, whose excerpts the duplicate sample may show. Only lines: an
         // exact duplicate's text is its kept record's text, so the sample takes both excerpts from the
         // duplicate, and the batches' texts are not kept alive (which made each collection copy them).
@@ -205,17 +205,11 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                     }
 
                     // The first record of each key (the partitions' kept records) is remembered, whether near dedup keeps it or not.
-                    if (exact is not null)
+                    if (exact is not null && exact.TryGetOrAdd(record.Key, sampleSources.Count, out var first))
                     {
-                        ref var first = ref CollectionsMarshal.GetValueRefOrAddDefault(exact, record.Key, out var seen);
-                        if (seen)
-                        {
-                            stats.ExactDuplicatesRemoved++;
-                            Sample(stats, sampleSources, first, record);
-                            continue;
-                        }
-
-                        first = sampleSources.Count;
+                        stats.ExactDuplicatesRemoved++;
+                        Sample(stats, sampleSources, first, record);
+                        continue;
                     }
 
                     if (sampleSources.Count < options.DuplicateSampleSources)
