@@ -146,10 +146,23 @@ public static class PreprocessingBench
                 await builder.BuildAsync(new MemoryStream(canonical, writable: false), dataset, DiscardingShardSink.Instance, "bench/", null, CancellationToken.None);
             };
 
-            var turns = await Measure.BestOfInterleavedAsync(5, Build(1), Build(cores));
+            // The tokenizer's own scaling in the same turns: what two cores of this machine give at best.
+            Func<Task> Tokenize(int parallelism)
+            {
+                var workers = Enumerable.Range(0, parallelism).Select(_ => tokenizers.Create()).ToArray();
+                return () =>
+                {
+                    Pin(azurite, parallelism == 1);
+                    TokenizeInMemory(workers, cleaned, parallelism);
+                    return Task.CompletedTask;
+                };
+            }
+
+            var turns = await Measure.BestOfInterleavedAsync(5, Build(1), Build(cores), Tokenize(1), Tokenize(cores));
             scaling = (turns[0].Seconds / turns[1].Seconds).ToString("F2", CultureInfo.InvariantCulture);
             Console.WriteLine();
-            Console.WriteLine($"Free-sink stage in turns (best of 5 each): one core {turns[0].Seconds:F3} s, {cores} cores {turns[1].Seconds:F3} s.");
+            Console.WriteLine($"In turns (best of 5 each): free-sink stage one core {turns[0].Seconds:F3} s, {cores} cores {turns[1].Seconds:F3} s; " +
+                $"tokenizer alone one core {turns[2].Seconds:F3} s, {cores} cores {turns[3].Seconds:F3} s ({(turns[2].Seconds / turns[3].Seconds).ToString("F2", CultureInfo.InvariantCulture)}x: what {cores} cores give here at best).");
         }
 
         Pin(azurite, oneCore: false);
