@@ -51,15 +51,7 @@ public sealed class CanonicalRecordReader
                 return false;
             }
 
-            var field = line.Slice(at + 1, nameLength) switch
-            {
-                var n when n.SequenceEqual("text"u8) => 1,
-                var n when n.SequenceEqual("label"u8) => 2,
-                var n when n.SequenceEqual("line"u8) => 4,
-                var n when n.SequenceEqual("prompt"u8) => 8,
-                var n when n.SequenceEqual("completion"u8) => 16,
-                _ => 0,
-            };
+            var field = FieldOf(line.Slice(at + 1, nameLength));
             if (field == 0 || (seen & field) != 0)
             {
                 return false;
@@ -179,15 +171,7 @@ public sealed class CanonicalRecordReader
                     return false;
                 }
 
-                var field = reader.ValueSpan switch
-                {
-                    var n when n.SequenceEqual("text"u8) => 1,
-                    var n when n.SequenceEqual("label"u8) => 2,
-                    var n when n.SequenceEqual("line"u8) => 4,
-                    var n when n.SequenceEqual("prompt"u8) => 8,
-                    var n when n.SequenceEqual("completion"u8) => 16,
-                    _ => 0,
-                };
+                var field = FieldOf(reader.ValueSpan);
                 if (field == 0 || (seen & field) != 0 || !reader.Read())
                 {
                     return false;
@@ -238,6 +222,17 @@ public sealed class CanonicalRecordReader
             return false;
         }
     }
+
+    /// <summary>The bit of a name the fast paths read (text 1, label 2, line 4, prompt 8, completion 16), or 0.</summary>
+    private static int FieldOf(ReadOnlySpan<byte> name) => name switch
+    {
+        var n when n.SequenceEqual("text"u8) => 1,
+        var n when n.SequenceEqual("label"u8) => 2,
+        var n when n.SequenceEqual("line"u8) => 4,
+        var n when n.SequenceEqual("prompt"u8) => 8,
+        var n when n.SequenceEqual("completion"u8) => 16,
+        _ => 0,
+    };
 
     /// <summary>A string or number label as its name; the previous label's string is reused when the bytes are the same (a dataset has few labels).</summary>
     private string Label(ref Utf8JsonReader reader)
