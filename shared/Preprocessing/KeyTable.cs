@@ -68,8 +68,21 @@ public sealed class KeyTable
         }
     }
 
+    /// <summary>
+    /// Brings <paramref name="key"/>'s first slot into this core's cache ahead of <see cref="TryGetOrAdd"/>: a
+    /// worker touches it when it computes the key, a batch before the commit looks it up. Safe beside a
+    /// concurrent insert or growth (a read of whichever array is current; nothing is written).
+    /// </summary>
+    public void Touch(ulong key)
+    {
+        var slots = Volatile.Read(ref _slots);
+        _ = Volatile.Read(ref slots[Spread(key, 64 - int.Log2(slots.Length))].Stored);
+    }
+
     /// <summary>The first slot to probe: the key's top bits after a Fibonacci multiply, so keys that share their low bits still spread.</summary>
-    private int Home(ulong key) => (int)((key * 0x9E3779B97F4A7C15UL) >> _shift);
+    private int Home(ulong key) => Spread(key, _shift);
+
+    private static int Spread(ulong key, int shift) => (int)((key * 0x9E3779B97F4A7C15UL) >> shift);
 
     private void Grow()
     {

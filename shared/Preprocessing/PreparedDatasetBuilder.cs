@@ -192,7 +192,15 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
         var records = await openRecords(cancellationToken);
         try
         {
-            await ReadInBatchesAsync(records, (line, result, tokenizer) => Process(line, result, tokenizer, context, null), async batch =>
+            await ReadInBatchesAsync(records, (line, result, tokenizer) =>
+            {
+                Process(line, result, tokenizer, context, null);
+                if (result.Kept)
+                {
+                    // The commit looks the key up a batch later: its slot is in this core's cache by then.
+                    exact?.Touch(result.Key);
+                }
+            }, async batch =>
             {
                 for (var i = 0; i < batch.Count; i++)
                 {
