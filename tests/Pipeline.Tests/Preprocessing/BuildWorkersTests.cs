@@ -20,7 +20,7 @@ public sealed class BuildWorkersTests(Azurite azurite) : IClassFixture<Azurite>
         var (tokenizers, dataset, lines) = await SetUpAsync(badLine: null);
         var recipe = new PreprocessRecipe();
         var (one, stats) = await BuildAsync(recipe, tokenizers, dataset, lines, parallelism: 1, batchRecords: 256);
-        Assert.True(stats.ExactDuplicatesRemoved > 0);
+        Assert.Equal(Records / 50, stats.ExactDuplicatesRemoved);
         Assert.Equal(Records - stats.ExactDuplicatesRemoved, one.Values.Sum(b => Encoding.UTF8.GetString(b).Count(c => c == '\n')));
         foreach (var (parallelism, batch) in new[] { (8, 7), (16, 1), (3, 1000) })
         {
@@ -52,9 +52,11 @@ public sealed class BuildWorkersTests(Azurite azurite) : IClassFixture<Azurite>
         var text = new StringBuilder();
         for (var line = 1; line <= Records; line++)
         {
-            var label = line == badLine ? "unlisted" : line % 3 == 0 ? "neg" : "pos";
-            // Every 50th record repeats an earlier one, so the exact-dedup table sees duplicates across batches.
-            var body = line % 50 == 0 ? $"record number {line - 17} says the room was {(line % 7 == 0 ? "clean" : "noisy")}" : $"record number {line} says the room was {(line % 7 == 0 ? "clean" : "noisy")}";
+            // Every 50th record repeats the text and label of the record 17 lines before it, so the exact-dedup
+            // table meets duplicates across batches (and across workers).
+            var source = line % 50 == 0 ? line - 17 : line;
+            var label = line == badLine ? "unlisted" : source % 3 == 0 ? "neg" : "pos";
+            var body = $"record number {source} says the room was {(source % 7 == 0 ? "clean" : "noisy")}";
             text.Append(JsonSerializer.Serialize(new { text = body, label, line })).Append('\n');
         }
 
