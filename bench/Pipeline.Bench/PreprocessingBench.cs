@@ -53,13 +53,16 @@ public static class PreprocessingBench
         Console.WriteLine("| --- | --- | --- | --- |");
         var freeSink = new Dictionary<int, double>();
         var limits = new Dictionary<int, double>();
+        // The stage's own CPU: records from memory, shards written (JSON, SHA-256) to a sink that costs nothing.
+        Task<BuildResult> BuildToFreeSink(int parallelism) =>
+            new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = parallelism })
+                .BuildAsync(new MemoryStream(canonical, writable: false), dataset, DiscardingShardSink.Instance, "bench/", null, CancellationToken.None);
+
         foreach (var parallelism in cores > 1 ? new[] { 1, cores } : [1])
         {
             Pin(azurite, parallelism == 1);
             var tokens = 0L;
             var workers = Enumerable.Range(0, parallelism).Select(_ => tokenizers.Create()).ToArray();
-            // The stage's own CPU: records from memory, shards written (JSON, SHA-256) to a sink that costs nothing.
-            var builder = new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = parallelism });
             var builtTokens = 0L;
             Task Limit()
             {
@@ -69,7 +72,7 @@ public static class PreprocessingBench
 
             async Task FreeSink()
             {
-                var build = await builder.BuildAsync(new MemoryStream(canonical, writable: false), dataset, DiscardingShardSink.Instance, "bench/", null, CancellationToken.None);
+                var build = await BuildToFreeSink(parallelism);
                 builtTokens = build.Stats.Train.Tokens + build.Stats.Validation.Tokens;
             }
 
@@ -142,8 +145,7 @@ public static class PreprocessingBench
             Func<Task> Build(int parallelism) => async () =>
             {
                 Pin(azurite, parallelism == 1);
-                var builder = new PreparedDatasetBuilder(recipe, tokenizers, new PreprocessingOptions { Parallelism = parallelism });
-                await builder.BuildAsync(new MemoryStream(canonical, writable: false), dataset, DiscardingShardSink.Instance, "bench/", null, CancellationToken.None);
+                await BuildToFreeSink(parallelism);
             };
 
             // The tokenizer's own scaling in the same turns: what two cores of this machine give at best.

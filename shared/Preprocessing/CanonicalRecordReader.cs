@@ -26,10 +26,7 @@ public sealed class CanonicalRecordReader
     /// </summary>
     private bool TryReadCompact(ReadOnlySpan<byte> line)
     {
-        var record = _record;
-        record.Text = record.Label = record.Prompt = record.Completion = null;
-        record.Messages = null;
-        record.Line = 0;
+        var record = Cleared();
         if (line.Length < 2 || line[0] != (byte)'{' || line[^1] != (byte)'}')
         {
             return false;
@@ -87,7 +84,7 @@ public sealed class CanonicalRecordReader
                         record.Text = Encoding.UTF8.GetString(bytes);
                         break;
                     case 2:
-                        record.Label = _lastLabel is { } last && Ascii.Equals(bytes, last) ? last : _lastLabel = Encoding.UTF8.GetString(bytes);
+                        record.Label = LabelOf(bytes, Encoding.UTF8);
                         break;
                     case 8:
                         record.Prompt = Encoding.UTF8.GetString(bytes);
@@ -120,7 +117,7 @@ public sealed class CanonicalRecordReader
                 }
                 else if (field == 2)
                 {
-                    record.Label = _lastLabel is { } last && Ascii.Equals(digits, last) ? last : _lastLabel = Encoding.ASCII.GetString(digits);
+                    record.Label = LabelOf(digits, Encoding.ASCII);
                 }
                 else
                 {
@@ -145,10 +142,7 @@ public sealed class CanonicalRecordReader
 
     private bool TryReadFlat(ReadOnlySpan<byte> line)
     {
-        var record = _record;
-        record.Text = record.Label = record.Prompt = record.Completion = null;
-        record.Messages = null;
-        record.Line = 0;
+        var record = Cleared();
         var seen = 0;
         try
         {
@@ -223,6 +217,20 @@ public sealed class CanonicalRecordReader
         }
     }
 
+    /// <summary>The reused record, emptied.</summary>
+    private CanonicalRecord Cleared()
+    {
+        var record = _record;
+        record.Text = record.Label = record.Prompt = record.Completion = null;
+        record.Messages = null;
+        record.Line = 0;
+        return record;
+    }
+
+    /// <summary>A label from bytes that need no unescaping: the previous label's string when the bytes are the same.</summary>
+    private string LabelOf(ReadOnlySpan<byte> bytes, Encoding encoding) =>
+        _lastLabel is { } last && Ascii.Equals(bytes, last) ? last : _lastLabel = encoding.GetString(bytes);
+
     /// <summary>The bit of a name the fast paths read (text 1, label 2, line 4, prompt 8, completion 16), or 0.</summary>
     private static int FieldOf(ReadOnlySpan<byte> name) => name switch
     {
@@ -237,12 +245,18 @@ public sealed class CanonicalRecordReader
     /// <summary>A string or number label as its name; the previous label's string is reused when the bytes are the same (a dataset has few labels).</summary>
     private string Label(ref Utf8JsonReader reader)
     {
+        if (reader.TokenType != JsonTokenType.String)
+        {
+            // A number's text is ASCII.
+            return LabelOf(reader.ValueSpan, Encoding.ASCII);
+        }
+
         if (_lastLabel is { } last && !reader.ValueIsEscaped && Ascii.Equals(reader.ValueSpan, last))
         {
             return last;
         }
 
-        // GetString checks the UTF-8 as the serializer does; a number's text is ASCII.
-        return _lastLabel = reader.TokenType == JsonTokenType.String ? reader.GetString()! : Encoding.ASCII.GetString(reader.ValueSpan);
+        // GetString unescapes and checks the UTF-8 as the serializer does.
+        return _lastLabel = reader.GetString()!;
     }
 }

@@ -15,7 +15,6 @@ public sealed class KeyTable
     }
 
     private Slot[] _slots;
-    private int _shift;
 
     /// <summary>A table that holds <paramref name="expected"/> keys without growing.</summary>
     public KeyTable(int expected)
@@ -27,7 +26,6 @@ public sealed class KeyTable
         }
 
         _slots = new Slot[capacity];
-        _shift = 64 - int.Log2(capacity);
     }
 
     public int Count { get; private set; }
@@ -41,7 +39,7 @@ public sealed class KeyTable
         ArgumentOutOfRangeException.ThrowIfNegative(value);
         var slots = _slots;
         var mask = slots.Length - 1;
-        var i = Home(key);
+        var i = Home(slots, key);
         while (true)
         {
             ref var slot = ref slots[i];
@@ -76,32 +74,31 @@ public sealed class KeyTable
     public void Touch(ulong key)
     {
         var slots = Volatile.Read(ref _slots);
-        _ = Volatile.Read(ref slots[Spread(key, 64 - int.Log2(slots.Length))].Stored);
+        _ = Volatile.Read(ref slots[Home(slots, key)].Stored);
     }
 
     /// <summary>The first slot to probe: the key's top bits after a Fibonacci multiply, so keys that share their low bits still spread.</summary>
-    private int Home(ulong key) => Spread(key, _shift);
-
-    private static int Spread(ulong key, int shift) => (int)((key * 0x9E3779B97F4A7C15UL) >> shift);
+    private static int Home(Slot[] slots, ulong key) => (int)((key * 0x9E3779B97F4A7C15UL) >> (64 - int.Log2(slots.Length)));
 
     private void Grow()
     {
         var old = _slots;
-        _slots = new Slot[old.Length * 2];
-        _shift--;
-        var mask = _slots.Length - 1;
+        var slots = new Slot[old.Length * 2];
+        var mask = slots.Length - 1;
         foreach (var slot in old)
         {
             if (slot.Stored != 0)
             {
-                var i = Home(slot.Key);
-                while (_slots[i].Stored != 0)
+                var i = Home(slots, slot.Key);
+                while (slots[i].Stored != 0)
                 {
                     i = (i + 1) & mask;
                 }
 
-                _slots[i] = slot;
+                slots[i] = slot;
             }
         }
+
+        _slots = slots;
     }
 }

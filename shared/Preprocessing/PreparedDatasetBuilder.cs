@@ -225,7 +225,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         sampleSources.Add(record.Line);
                     }
 
-                    if (near.Removed.Count > 0 && near.Removed.TryGetValue(record.Line, out var removal))
+                    if (near.Removed.TryGetValue(record.Line, out var removal))
                     {
                         stats.NearDuplicatesRemoved++;
                         if (stats.DuplicateSamples.Count < options.DuplicateSamples)
@@ -236,7 +236,7 @@ public sealed class PreparedDatasetBuilder(PreprocessRecipe recipe, TokenizerSou
                         continue;
                     }
 
-                    if (roots.Count > 0 && roots.Contains(record.Line))
+                    if (roots.Contains(record.Line))
                     {
                         rootExcerpts[record.Line] = Excerpt(record.Text!);
                     }
